@@ -1,0 +1,147 @@
+"""The ``reslab`` command: argparse subcommands that only wire library parts together.
+
+A mistake a user can make (an unknown model, a missing file, a bad option) ends in one line on stderr and
+exit status 2; a Ctrl-C ends with status 130. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from reslab.errors import ReslabError
+
+
+def _format_count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
+
+
+def _format_macs(n: int) -> str:
+    return f"{n / 1e9:.2f}G" if n >= 1e8 else f"{n / 1e6:.1f}M"
+
+
+def model_rows() -> list[dict[str, str]]:
+    """One row per registered model: name, depth, block, version, shortcut, parameters."""
+    import torch
+
+    from reslab.models import create_model, get_spec, list_models
+
+    rows = []
+    for name in list_models():
+        with torch.device("meta"):  # shapes only: counting parameters allocates nothing
+            model = create_model(name)
+        cfg = model.config
+        spec = get_spec(name)
+        rows.append(
+            {
+                "name": name,
+                "family": spec.family,
+                "depth": str(model.depth),
+                "block": cfg["block"] + (f" {cfg['groups']}x{cfg['width_per_group']}d" if cfg["groups"] > 1 else ""),
+                "version": cfg["version"],
+                "shortcut": cfg["shortcut"] if cfg["residual"] else "none",
+                "params": _format_count(sum(p.numel() for p in model.parameters())),
+                "description": spec.description,
+            }
+        )
+    return rows
+
+
+def models_markdown() -> str:
+    """The model table as Markdown, exactly as README.md shows it (a test keeps the two equal)."""
+    cols = ["name", "family", "depth", "block", "version", "shortcut", "params"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(r[c] for c in cols) + " |" for r in model_rows()]
+    return "\n".join(lines)
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    import fnmatch
+
+    if args.format == "markdown":
+        print(models_markdown())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="reslab models")
+    for col in ("name", "family", "depth", "block", "version", "shortcut", "params"):
+        table.add_column(col, justify="right" if col in ("depth", "params") else "left", no_wrap=True)
+    for r in model_rows():
+        if args.filter is None or fnmatch.fnmatch(r["name"], args.filter):
+            table.add_row(r["name"], r["family"], r["depth"], r["block"], r["version"], r["shortcut"], r["params"])
+    Console().print(table)
+
+
+def cmd_summary(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from reslab.analysis.summary import summarize
+
+    if any(v < 1 for v in args.input_size):
+        raise ReslabError(f"--input-size needs three positive numbers C H W, got {args.input_size}")
+    overrides = {"num_classes": args.num_classes} if args.num_classes else {}
+    if args.version:
+        overrides["version"] = args.version
+    overrides["in_chans"] = args.input_size[0]
+    try:
+        summary = summarize(args.model, tuple(args.input_size), **overrides)
+    except RuntimeError as err:  # e.g. an input too small for the network's five halvings
+        raise ReslabError(f"{args.model} cannot run on input {tuple(args.input_size)}: {err}") from None
+    c, h, w = summary.input_shape
+    table = Table(title=f"{summary.name} on a {c}x{h}x{w} input")
+    for col in ("stage", "output (C x H x W)", "params", "MACs"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for row in summary.rows:
+        shape = " x ".join(map(str, row.output_shape))
+        table.add_row(row.name, shape, f"{row.params:,}", _format_macs(row.macs))
+    table.add_section()
+    table.add_row("total", "", f"{summary.params:,}", _format_macs(summary.macs))
+    Console().print(table)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reslab", description="The ResNet family: build, inspect, train.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list every registered model")
+    p.add_argument("--filter", help="glob pattern on names, e.g. 'preact*'")
+    p.add_argument("--format", choices=("table", "markdown"), default="table")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("summary", help="per-stage output shapes, parameters and MACs of a model")
+    p.add_argument("model")
+    p.add_argument("--input-size", nargs=3, type=int, default=None, metavar=("C", "H", "W"),
+                   help="one input image's size (default: 3 224 224, or 3 32 32 for CIFAR models)")
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--version", choices=("v1", "v1.5", "v2"), default=None)
+    p.set_defaults(func=cmd_summary)
+    return parser
+
+
+def _default_input_size(args: argparse.Namespace) -> None:
+    if getattr(args, "input_size", "absent") is None:
+        from reslab.models import get_spec
+
+        args.input_size = [3, 32, 32] if get_spec(args.model).family == "cifar" else [3, 224, 224]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        _default_input_size(args)
+        func(args)
+    except ReslabError as err:
+        print(f"reslab: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("reslab: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

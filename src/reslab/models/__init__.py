@@ -1,0 +1,29 @@
+"""The ResNet family: blocks, the generic ResNet, and the registry of named variants."""
+
+from reslab.models.blocks import (
+    BasicBlock,
+    Bottleneck,
+    DropPath,
+    PreActBasicBlock,
+    PreActBottleneck,
+    ZeroPadShortcut,
+)
+from reslab.models.registry import ModelSpec, create_model, get_spec, list_models
+from reslab.models.resnet import ResNet
+from reslab.models.weights import load_weights, read_state_dict
+
+__all__ = [
+    "BasicBlock",
+    "Bottleneck",
+    "DropPath",
+    "ModelSpec",
+    "PreActBasicBlock",
+    "PreActBottleneck",
+    "ResNet",
+    "ZeroPadShortcut",
+    "create_model",
+    "get_spec",
+    "list_models",
+    "load_weights",
+    "read_state_dict",
+]

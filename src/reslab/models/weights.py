@@ -1,0 +1,99 @@
+"""Load local weights into a model: torchvision / timm ``.pth`` state dicts, reslab checkpoints, safetensors.
+
+Nothing is downloaded. ``.pth`` files are read with ``torch.load(weights_only=True)``, which refuses pickled
+code, so a file from the internet cannot run anything on load.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from reslab.errors import ReslabError
+
+# Prefixes that wrappers add to every key: DDP (module.), torch.compile (_orig_mod.), some trainers (model.).
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+# Keys under which training checkpoints nest the model's state dict.
+_NESTED_KEYS = ("state_dict", "model", "model_state", "model_state_dict", "ema")
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Read a flat ``{name: tensor}`` state dict from a ``.pth``/``.pt``/``.bin`` or ``.safetensors`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReslabError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise ReslabError(f"{path} is not a readable safetensors file: {err}") from None
+    if path.suffix not in (".pth", ".pt", ".bin", ".ckpt"):
+        raise ReslabError(f"{path}: unknown weights format {path.suffix!r}; use .pth, .pt or .safetensors")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found:
+            raise ReslabError(
+                f"{path} holds Python objects ({found.group(1)}), not only tensors, and was not loaded "
+                "(unsafe pickle); save model.state_dict() instead"
+            ) from None
+        raise ReslabError(f"{path} is not a readable PyTorch file (corrupt or not a state dict)") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ReslabError(f"{path} is not a readable PyTorch file: {err}") from None
+    return _unwrap(obj, path)
+
+
+def _unwrap(obj: object, path: Path) -> dict[str, Tensor]:
+    while isinstance(obj, Mapping) and not _all_tensors(obj):
+        nested = next((obj[k] for k in _NESTED_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if nested is None:
+            raise ReslabError(f"{path} holds no state dict (top-level keys: {', '.join(map(str, list(obj)[:8]))})")
+        obj = nested
+    if not isinstance(obj, Mapping):
+        raise ReslabError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    state = dict(obj)
+    for prefix in _WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _all_tensors(obj: Mapping) -> bool:
+    return len(obj) > 0 and all(isinstance(v, Tensor) for v in obj.values())
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load ``path`` into ``model`` strictly; a ReslabError says which keys or shapes do not fit."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    if mismatched:
+        hint = ""
+        if any(k.startswith("fc.") for k in (m.split(":")[0] for m in mismatched)):
+            hint = " (the classifier differs: pass num_classes to match the file)"
+        raise ReslabError(
+            f"{path} does not fit the model: {len(mismatched)} shape mismatch(es){hint}; first: {mismatched[0]}"
+        )
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
+        raise ReslabError(f"{path} does not fit the model: keys {'; '.join(parts)}")
+    model.load_state_dict(state)

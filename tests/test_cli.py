@@ -1,0 +1,51 @@
+"""The CLI prints the tables users ask for, and a user's mistake is one line and exit status 2."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reslab.cli import main, models_markdown
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "reslab", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_summary_prints_the_stage_table(capsys):
+    assert main(["summary", "resnet18"]) == 0
+    out = capsys.readouterr().out
+    for expected in ("56 x 56", "512 x 7 x 7", "11,689,512", "1.81G"):
+        assert expected in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["summary", "resnet5"], "unknown model 'resnet5'; did you mean"),
+        (["summary", "resnet18", "--input-size", "3", "0", "224"], "--input-size needs three positive"),
+    ],
+)
+def test_user_errors_are_one_line(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert message in result.stderr
+
+
+def test_models_table_lists_every_model(capsys):
+    from reslab import list_models
+
+    assert main(["models", "--format", "markdown"]) == 0
+    out = capsys.readouterr().out
+    names = re.findall(r"^\| (\S+) \|", out, flags=re.M)[1:]
+    assert names == list_models()
+
+
+def test_readme_model_table_is_generated():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"<!-- models:start -->\n(.*?)\n<!-- models:end -->", readme, flags=re.S)
+    assert block, "README.md has no generated model table"
+    assert block.group(1).strip() == models_markdown(), "regenerate it: reslab models --format markdown"
