@@ -114,3 +114,12 @@ def test_config_rebuilds_the_same_model():
     clone = ResNet(**model.config)
     clone.load_state_dict(model.state_dict())  # same keys and shapes
     assert clone.config == model.config
+
+
+def test_cifar_option_b_adds_projections():
+    a, b = create_model("resnet56"), create_model("resnet56", shortcut="B")
+    assert all(isinstance(m, torch.nn.Sequential) for m in (b.layer2[0].downsample, b.layer3[0].downsample))
+    # Two 1x1 projections with their BN: 16*32 + 2*32 and 32*64 + 2*64 parameters.
+    assert _count("resnet56", shortcut="B") - _count("resnet56") == 16 * 32 + 64 + 32 * 64 + 128
+    x = torch.randn(2, 3, 32, 32)
+    assert a(x).shape == b(x).shape == (2, 10)
