@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.reslab-installed
 
-.PHONY: demo test lint readme-table
+.PHONY: demo test lint readme-table fashion-mnist
 
 # Create the venv and install the project (editable, with test tools) when missing or when pyproject changes.
 $(STAMP): pyproject.toml
@@ -14,10 +14,26 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]' 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 	touch $@
 
-demo: $(STAMP)
-	$(BIN)/reslab models
-	$(BIN)/reslab summary resnet50
-	$(BIN)/reslab summary resnet20 --input-size 1 28 28 --num-classes 10
+# The main job: train the demo recipe on Fashion-MNIST, evaluate it on the test set, predict a few test images.
+DEMO_RUN := runs/demo
+demo: $(STAMP) fashion-mnist
+	@start=$$SECONDS; \
+	$(BIN)/reslab train --recipe recipes/fashion_mnist_demo.yaml --out-dir $(DEMO_RUN) && \
+	$(BIN)/reslab eval $(DEMO_RUN)/best.pt && \
+	$(BIN)/reslab samples --dataset fashion-mnist --count 4 --out-dir $(DEMO_RUN)/samples > $(DEMO_RUN)/samples.txt && \
+	$(BIN)/reslab predict $(DEMO_RUN)/best.pt $$(cat $(DEMO_RUN)/samples.txt) && \
+	echo && echo "checkpoint:  $(DEMO_RUN)/best.pt (resume state: $(DEMO_RUN)/last.pt)" && \
+	echo "TensorBoard: tensorboard --logdir $(DEMO_RUN)/tensorboard" && \
+	echo "plots:       $(DEMO_RUN)/curves.png, $(DEMO_RUN)/confusion_test.png" && \
+	echo "metrics:     $(DEMO_RUN)/metrics.jsonl, $(DEMO_RUN)/results.json, $(DEMO_RUN)/eval_test.json" && \
+	echo "demo took $$((SECONDS - start)) s after set-up"
+
+# Fashion-MNIST from Debian's package (the files land in /usr/share/datasets/fashion-mnist).
+fashion-mnist:
+	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || ls /usr/share/datasets/fashion-mnist/*.gz >/dev/null 2>&1 || \
+	{ echo "installing Debian's dataset-fashion-mnist"; \
+	  (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null; } || \
+	echo "could not install dataset-fashion-mnist; pass --data-dir or set RESLAB_DATA to Fashion-MNIST's files"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -79,8 +79,13 @@ def main() -> None:
     for name, batch, size in CASES:
         for train in (False, True):
             for bf16 in (False, True):
-                row = {"model": name, "batch": batch, "size": size, "mode": "train" if train else "inference",
-                       "dtype": "bf16-autocast" if bf16 else "fp32"}
+                row = {
+                    "model": name,
+                    "batch": batch,
+                    "size": size,
+                    "mode": "train" if train else "inference",
+                    "dtype": "bf16-autocast" if bf16 else "fp32",
+                }
                 for cl in (False, True):
                     ips = measure(name, batch, size, channels_last=cl, bf16=bf16, train=train, device=args.device)
                     row["nhwc_img_s" if cl else "nchw_img_s"] = round(ips, 1)

@@ -102,6 +102,136 @@ def cmd_summary(args: argparse.Namespace) -> None:
     Console().print(table)
 
 
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (``--batch-size``, ``--no-flip``, ...), defaulting to "not given"."""
+    import dataclasses
+
+    from reslab.train.config import CHOICES, TrainConfig
+
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if f.name == "model_args":
+            p.add_argument(
+                "--model-arg",
+                dest="model_args",
+                action="append",
+                metavar="KEY=VALUE",
+                help="extra create_model option, e.g. drop_path_rate=0.1 or widths=[32,64,128]",
+            )
+        elif isinstance(default, bool) or f.name == "channels_last":
+            p.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=f"(default: {default})"
+            )
+        else:
+            kind = {
+                "epochs": int,
+                "batch_size": int,
+                "step_size": int,
+                "patience": int,
+                "seed": int,
+                "crop_padding": int,
+                "num_workers": int,
+                "eval_batch_size": int,
+                "hist_every": int,
+                "image_size": int,
+                "in_chans": int,
+            }.get(f.name, type(default) if default is not None else str)
+            p.add_argument(
+                flag, dest=f.name, type=kind, default=None, choices=CHOICES.get(f.name), help=f"(default: {default})"
+            )
+
+
+def _train_config(args: argparse.Namespace):
+    import dataclasses
+
+    import yaml
+
+    from reslab.train import TrainConfig, from_dict, load_checkpoint, load_recipe
+
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if getattr(args, f.name, None) is not None
+    }
+    if "model_args" in given:
+        pairs = {}
+        for item in given["model_args"]:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ReslabError(f"--model-arg needs KEY=VALUE, got {item!r}")
+            pairs[key.strip()] = yaml.safe_load(value)
+        given["model_args"] = pairs
+    if args.resume:
+        base = TrainConfig(**load_checkpoint(args.resume)["config"])
+        if args.recipe:
+            raise ReslabError("--resume continues the checkpoint's own recipe; drop --recipe")
+        return from_dict(given, base, source="command line")
+    values = load_recipe(args.recipe) if args.recipe else {}
+    cfg = from_dict(values, source=str(args.recipe or "defaults"))
+    return from_dict(given, cfg, source="command line")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from reslab.train import fit
+
+    cfg = _train_config(args)
+    fit(cfg, resume=args.resume)
+    run = cfg.run_dir()
+    if (run / "best.pt").exists():  # rank 0 under torchrun
+        from reslab.analysis.plots import plot_history
+        from reslab.train import load_checkpoint
+
+        plot_history(
+            load_checkpoint(run / "best.pt")["history"], run / "curves.png", title=f"{cfg.model} on {cfg.dataset}"
+        )
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from reslab.inference import evaluate_checkpoint
+
+    result, report = evaluate_checkpoint(
+        args.checkpoint,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        split=args.split,
+        out_dir=args.out_dir,
+        device=args.device,
+    )
+    table = Table(title=f"{report['dataset']} {report['split']}: {report['images']} images")
+    table.add_column("class")
+    table.add_column("accuracy", justify="right")
+    for name, acc in report["per_class_accuracy"].items():
+        table.add_row(name, f"{acc:.2%}")
+    table.add_section()
+    table.add_row("all", f"{result.accuracy:.2%}")
+    console = Console()
+    console.print(table)
+    console.print(f"loss {result.loss:.4f}; wrote {report['files']['json']} and {report['files']['png']}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from reslab.inference import predict_images
+
+    for p in predict_images(args.checkpoint, args.images, topk=args.topk, device=args.device):
+        ranked = ", ".join(f"{name} {prob:.1%}" for name, prob in p.top)
+        print(f"{p.path}: {ranked}")
+
+
+def cmd_samples(args: argparse.Namespace) -> None:
+    from reslab.data import load_dataset
+    from reslab.data.datasets import save_samples
+
+    bundle = load_dataset(args.dataset, data_dir=args.data_dir, val_ratio=0.0)
+    split = bundle.test if args.split == "test" and bundle.test is not None else bundle.train
+    for path in save_samples(split, bundle.info, args.out_dir, count=args.count, seed=args.seed):
+        print(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reslab", description="The ResNet family: build, inspect, train.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,11 +243,52 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("summary", help="per-stage output shapes, parameters and MACs of a model")
     p.add_argument("model")
-    p.add_argument("--input-size", nargs=3, type=int, default=None, metavar=("C", "H", "W"),
-                   help="one input image's size (default: 3 224 224, or 3 32 32 for CIFAR models)")
+    p.add_argument(
+        "--input-size",
+        nargs=3,
+        type=int,
+        default=None,
+        metavar=("C", "H", "W"),
+        help="one input image's size (default: 3 224 224, or 3 32 32 for CIFAR models)",
+    )
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--version", choices=("v1", "v1.5", "v2"), default=None)
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser(
+        "train",
+        help="train a model on a dataset (flags override the recipe)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--recipe", help="YAML file of options, e.g. recipes/fashion_mnist_demo.yaml")
+    p.add_argument("--resume", metavar="CKPT", help="continue from a last.pt checkpoint")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="accuracy, per-class accuracy and confusion matrix of a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--dataset", default=None, help="default: the one it was trained on")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--split", default="test", choices=("test", "val"))
+    p.add_argument("--out-dir", default=None, help="default: the checkpoint's folder")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="top-k classes of image files")
+    p.add_argument("checkpoint")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--topk", type=int, default=3)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("samples", help="save some images of an in-memory dataset as PNG files (to look at, or predict)")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--split", default="test", choices=("train", "test"))
+    p.add_argument("--count", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default="samples")
+    p.set_defaults(func=cmd_samples)
     return parser
 
 

@@ -46,8 +46,13 @@ TORCHVISION_PARAMS = {"resnet18": 11_689_512, "resnet50": 25_557_032, "resnet152
 # He et al. 2015, Table 6 (CIFAR-10, option A), to the precision the paper states; He et al. 2016 for
 # pre-activation 164. (The paper's 10.2M for ResNet-1001 counts weights without BN's affine parameters.)
 PAPER_PARAMS_M = {
-    "resnet20": (0.27, 2), "resnet32": (0.46, 2), "resnet44": (0.66, 2), "resnet56": (0.85, 2),
-    "resnet110": (1.7, 1), "resnet1202": (19.4, 1), "preact_resnet164": (1.7, 1),
+    "resnet20": (0.27, 2),
+    "resnet32": (0.46, 2),
+    "resnet44": (0.66, 2),
+    "resnet56": (0.85, 2),
+    "resnet110": (1.7, 1),
+    "resnet1202": (19.4, 1),
+    "preact_resnet164": (1.7, 1),
 }
 
 
@@ -75,8 +80,16 @@ def test_resnet1001_without_bn_matches_paper():
 
 
 def test_depth_follows_the_papers():
-    depths = {"resnet20": 20, "resnet1202": 1202, "preact_resnet164": 164, "preact_resnet1001": 1001,
-              "resnet18": 18, "resnet50": 50, "resnet200": 200, "plain56": 56}
+    depths = {
+        "resnet20": 20,
+        "resnet1202": 1202,
+        "preact_resnet164": 164,
+        "preact_resnet1001": 1001,
+        "resnet18": 18,
+        "resnet50": 50,
+        "resnet200": 200,
+        "plain56": 56,
+    }
     for name, depth in depths.items():
         with torch.device("meta"):
             assert create_model(name).depth == depth

@@ -6,8 +6,7 @@ import torchvision
 
 from reslab import create_model
 
-PARITY_MODELS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
-                 "wide_resnet50_2"]
+PARITY_MODELS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "wide_resnet50_2"]
 
 
 def _randomize_(model: torch.nn.Module) -> None:

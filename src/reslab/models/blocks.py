@@ -22,9 +22,7 @@ from torch import Tensor, nn
 
 def conv3x3(in_channels: int, out_channels: int, *, stride: int = 1, groups: int = 1) -> nn.Conv2d:
     """3x3 convolution without bias (a BatchNorm follows or precedes it), padding 1."""
-    return nn.Conv2d(
-        in_channels, out_channels, kernel_size=3, stride=stride, padding=1, groups=groups, bias=False
-    )
+    return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, groups=groups, bias=False)
 
 
 def conv1x1(in_channels: int, out_channels: int, *, stride: int = 1) -> nn.Conv2d:
@@ -56,9 +54,7 @@ class ZeroPadShortcut(nn.Module):
         return f"extra_channels={self.extra_channels}, stride={self.stride}"
 
 
-def projection_shortcut(
-    in_channels: int, out_channels: int, *, stride: int, with_norm: bool
-) -> nn.Sequential:
+def projection_shortcut(in_channels: int, out_channels: int, *, stride: int, with_norm: bool) -> nn.Sequential:
     """Shortcut option B: a strided 1x1 projection, followed by BN in v1 (not in pre-activation v2).
 
     Returned as ``nn.Sequential`` so its keys are torchvision's ``downsample.0`` / ``downsample.1``.

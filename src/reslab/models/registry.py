@@ -53,43 +53,90 @@ IMAGENET_LAYERS = {
 for _depth, (_block, _layers) in IMAGENET_LAYERS.items():
     register(f"resnet{_depth}", f"ResNet-{_depth}, ImageNet, v1.5", block=_block, layers=_layers)
     if _block == "bottleneck":
-        register(f"resnet{_depth}_v1", f"ResNet-{_depth}, ImageNet, v1 (stride on the first 1x1)",
-                 block=_block, layers=_layers, version="v1")
-    register(f"preact_resnet{_depth}", f"Pre-activation ResNet-{_depth} (v2), ImageNet",
-             block=_block, layers=_layers, version="v2")
-    register(f"plain_resnet{_depth}", f"Plain {_depth}-layer twin of ResNet-{_depth} (no shortcuts)",
-             block=_block, layers=_layers, residual=False)
+        register(
+            f"resnet{_depth}_v1",
+            f"ResNet-{_depth}, ImageNet, v1 (stride on the first 1x1)",
+            block=_block,
+            layers=_layers,
+            version="v1",
+        )
+    register(
+        f"preact_resnet{_depth}",
+        f"Pre-activation ResNet-{_depth} (v2), ImageNet",
+        block=_block,
+        layers=_layers,
+        version="v2",
+    )
+    register(
+        f"plain_resnet{_depth}",
+        f"Plain {_depth}-layer twin of ResNet-{_depth} (no shortcuts)",
+        block=_block,
+        layers=_layers,
+        residual=False,
+    )
 
 # ResNeXt (Xie et al. 2017) and Wide ResNet-50/101 as torchvision defines them: wider grouped 3x3s.
-register("resnext50_32x4d", "ResNeXt-50 32x4d", block="bottleneck", layers=(3, 4, 6, 3),
-         groups=32, width_per_group=4)
-register("resnext101_32x8d", "ResNeXt-101 32x8d", block="bottleneck", layers=(3, 4, 23, 3),
-         groups=32, width_per_group=8)
-register("resnext101_64x4d", "ResNeXt-101 64x4d", block="bottleneck", layers=(3, 4, 23, 3),
-         groups=64, width_per_group=4)
-register("wide_resnet50_2", "Wide ResNet-50-2 (2x bottleneck width)", block="bottleneck",
-         layers=(3, 4, 6, 3), width_per_group=128)
-register("wide_resnet101_2", "Wide ResNet-101-2 (2x bottleneck width)", block="bottleneck",
-         layers=(3, 4, 23, 3), width_per_group=128)
+register("resnext50_32x4d", "ResNeXt-50 32x4d", block="bottleneck", layers=(3, 4, 6, 3), groups=32, width_per_group=4)
+register(
+    "resnext101_32x8d", "ResNeXt-101 32x8d", block="bottleneck", layers=(3, 4, 23, 3), groups=32, width_per_group=8
+)
+register(
+    "resnext101_64x4d", "ResNeXt-101 64x4d", block="bottleneck", layers=(3, 4, 23, 3), groups=64, width_per_group=4
+)
+register(
+    "wide_resnet50_2",
+    "Wide ResNet-50-2 (2x bottleneck width)",
+    block="bottleneck",
+    layers=(3, 4, 6, 3),
+    width_per_group=128,
+)
+register(
+    "wide_resnet101_2",
+    "Wide ResNet-101-2 (2x bottleneck width)",
+    block="bottleneck",
+    layers=(3, 4, 23, 3),
+    width_per_group=128,
+)
 
 # --- CIFAR family (He et al. 2015, Sec. 4.2): 6n+2 layers, 16/32/64 channels, option A shortcuts ----------
 CIFAR = dict(widths=(16, 32, 64), stem="cifar", version="v1", num_classes=10)
 for _n in (3, 5, 7, 9, 18, 200):
     _depth = 6 * _n + 2
-    register(f"resnet{_depth}", f"ResNet-{_depth}, CIFAR (6n+2, n={_n}), shortcut A",
-             block="basic", layers=(_n,) * 3, shortcut="A", **CIFAR)
-    register(f"plain{_depth}", f"Plain {_depth}-layer CIFAR twin of ResNet-{_depth} (no shortcuts)",
-             block="basic", layers=(_n,) * 3, residual=False, **CIFAR)
+    register(
+        f"resnet{_depth}",
+        f"ResNet-{_depth}, CIFAR (6n+2, n={_n}), shortcut A",
+        block="basic",
+        layers=(_n,) * 3,
+        shortcut="A",
+        **CIFAR,
+    )
+    register(
+        f"plain{_depth}",
+        f"Plain {_depth}-layer CIFAR twin of ResNet-{_depth} (no shortcuts)",
+        block="basic",
+        layers=(_n,) * 3,
+        residual=False,
+        **CIFAR,
+    )
 
 # Pre-activation CIFAR nets (He et al. 2016, Table 2): 110 with basic blocks; 164 and 1001 with bottlenecks
 # (9n+2 layers, 64/128/256 output channels). Projection shortcuts where shapes change, as in the paper's code.
 _PREACT_CIFAR = dict(CIFAR, version="v2", shortcut="B")
-register("preact_resnet110", "Pre-activation ResNet-110 (v2), CIFAR", block="basic", layers=(18,) * 3,
-         **_PREACT_CIFAR)
-register("preact_resnet164", "Pre-activation ResNet-164 (v2), CIFAR, bottleneck", block="bottleneck",
-         layers=(18,) * 3, **_PREACT_CIFAR)
-register("preact_resnet1001", "Pre-activation ResNet-1001 (v2), CIFAR, bottleneck", block="bottleneck",
-         layers=(111,) * 3, **_PREACT_CIFAR)
+register("preact_resnet110", "Pre-activation ResNet-110 (v2), CIFAR", block="basic", layers=(18,) * 3, **_PREACT_CIFAR)
+register(
+    "preact_resnet164",
+    "Pre-activation ResNet-164 (v2), CIFAR, bottleneck",
+    block="bottleneck",
+    layers=(18,) * 3,
+    **_PREACT_CIFAR,
+)
+register(
+    "preact_resnet1001",
+    "Pre-activation ResNet-1001 (v2), CIFAR, bottleneck",
+    block="bottleneck",
+    layers=(111,) * 3,
+    **_PREACT_CIFAR,
+)
 
 
 def list_models(pattern: str | None = None) -> list[str]:

@@ -65,14 +65,23 @@ class ResNet(nn.Module):
         stem_width: int | None = None,
     ) -> None:
         super().__init__()
-        _check_args(block, layers, widths, stem, version, shortcut, residual, num_classes, in_chans,
-                    drop_path_rate)
+        _check_args(block, layers, widths, stem, version, shortcut, residual, num_classes, in_chans, drop_path_rate)
         # Everything needed to rebuild this exact model: ResNet(**model.config). Checkpoints store it.
         self.config: dict[str, Any] = dict(
-            block=block, layers=list(layers), widths=list(widths), stem=stem, version=version,
-            shortcut=shortcut, residual=residual, num_classes=num_classes, in_chans=in_chans,
-            zero_init_residual=zero_init_residual, groups=groups, width_per_group=width_per_group,
-            drop_path_rate=drop_path_rate, stem_width=stem_width,
+            block=block,
+            layers=list(layers),
+            widths=list(widths),
+            stem=stem,
+            version=version,
+            shortcut=shortcut,
+            residual=residual,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            zero_init_residual=zero_init_residual,
+            groups=groups,
+            width_per_group=width_per_group,
+            drop_path_rate=drop_path_rate,
+            stem_width=stem_width,
         )
         self.preact = version == "v2"
         block_cls = BLOCKS[(block, self.preact)]
@@ -193,8 +202,9 @@ class ResNet(nn.Module):
         return per_block * sum(self.config["layers"]) + 2
 
 
-def _check_args(block, layers, widths, stem, version, shortcut, residual, num_classes, in_chans,
-                drop_path_rate) -> None:
+def _check_args(
+    block, layers, widths, stem, version, shortcut, residual, num_classes, in_chans, drop_path_rate
+) -> None:
     if block not in ("basic", "bottleneck"):
         raise ValueError(f"block must be 'basic' or 'bottleneck', not {block!r}")
     if version not in VERSIONS:

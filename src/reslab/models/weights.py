@@ -63,7 +63,7 @@ def _unwrap(obj: object, path: Path) -> dict[str, Tensor]:
     state = dict(obj)
     for prefix in _WRAPPER_PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 

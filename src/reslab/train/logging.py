@@ -1,0 +1,143 @@
+"""What a run reports: TensorBoard curves and histograms, a metrics file, and a progress bar.
+
+- TensorBoard (``<run>/tensorboard``): ``loss/train``, ``loss/val``, ``accuracy/train``, ``accuracy/val``,
+  ``lr``, ``images_per_second``; ``weights/<param>`` histograms; ``grad_norm/<param>`` (mean over the
+  epoch's steps); ``inputs/train``, a grid of augmented training images.
+- ``<run>/metrics.jsonl``: one JSON object per epoch, for people who don't run TensorBoard.
+- A rich progress bar with ETA, images/s and loss; ``quiet`` prints one line per epoch instead.
+Only rank 0 writes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import Tensor, nn
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, *, enabled: bool, quiet: bool, hist_every: int, resume: bool = False) -> None:
+        self.enabled, self.quiet, self.hist_every = enabled, quiet, hist_every
+        self.console = Console(highlight=False, soft_wrap=True)
+        self.writer = None
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.progress: Progress | None = None
+        self._task = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            if not resume:
+                self.metrics_path.write_text("")
+
+    # --- progress ----------------------------------------------------------------------------------------
+    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
+        self._epoch_start = time.perf_counter()
+        if not self.enabled or self.quiet:
+            return
+        self.progress = Progress(
+            TextColumn(f"epoch {epoch + 1}/{epochs}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[speed]} img/s  loss {task.fields[loss]}"),
+            console=self.console,
+            transient=True,
+        )
+        self.progress.start()
+        self._task = self.progress.add_task("train", total=steps, speed="-", loss="-")
+
+    def step(self, images_seen: int, loss: float | None) -> None:
+        if self.progress is None:
+            return
+        elapsed = time.perf_counter() - self._epoch_start
+        fields = {"speed": f"{images_seen / max(elapsed, 1e-9):.0f}"}
+        if loss is not None:
+            fields["loss"] = f"{loss:.3f}"
+        self.progress.update(self._task, advance=1, **fields)
+
+    def end_epoch(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def print(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(message)
+
+    # --- records -----------------------------------------------------------------------------------------
+    def log_epoch(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record["epoch"]
+        for key, tag in (
+            ("train_loss", "loss/train"),
+            ("val_loss", "loss/val"),
+            ("train_acc", "accuracy/train"),
+            ("val_acc", "accuracy/val"),
+            ("lr", "lr"),
+            ("images_per_second", "images_per_second"),
+        ):
+            if record.get(key) is not None:
+                self.writer.add_scalar(tag, record[key], step)
+
+    def log_model(self, model: nn.Module, epoch: int, grad_norms: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for name, value in grad_norms.items():
+            self.writer.add_scalar(f"grad_norm/{name}", value, epoch)
+        if self.hist_every and epoch % self.hist_every == 0:
+            for name, p in model.named_parameters():
+                self.writer.add_histogram(f"weights/{name}", p.detach().float().cpu(), epoch)
+
+    def log_images(self, images: Tensor, mean: Tensor, std: Tensor, epoch: int) -> None:
+        """A grid of (up to 64) normalized training images (B, C, H, W), shown as the model sees them."""
+        if not self.enabled:
+            return
+        from torchvision.utils import make_grid
+
+        x = images[:64].detach().float().cpu() * std.cpu()[:, None, None] + mean.cpu()[:, None, None]
+        self.writer.add_image("inputs/train", make_grid(x.clamp(0, 1), nrow=8), epoch)
+
+    def log_text(self, tag: str, text: str) -> None:
+        if self.enabled:
+            self.writer.add_text(tag, text)
+
+    def close(self) -> None:
+        self.end_epoch()
+        if self.writer is not None:
+            self.writer.close()
+
+
+class GradNormTracker:
+    """Per-parameter gradient L2 norms averaged over an epoch's steps (one fused foreach call per step)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.names, self.params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad], strict=True)
+        self.total: Tensor | None = None
+        self.steps = 0
+
+    def update(self) -> None:
+        grads = [p.grad for p in self.params]
+        if any(g is None for g in grads):
+            return
+        norms = torch.stack(torch._foreach_norm(grads)).float()
+        self.total = norms if self.total is None else self.total + norms
+        self.steps += 1
+
+    def pop(self) -> dict[str, float]:
+        if self.total is None:
+            return {}
+        means = (self.total / self.steps).tolist()
+        self.total, self.steps = None, 0
+        return dict(zip(self.names, means, strict=True))

@@ -1,0 +1,59 @@
+"""Batch augmentation matches torchvision's per-image semantics and touches only the training split."""
+
+import torch
+import torch.nn.functional as F
+
+from reslab.data import Augment, DatasetInfo, TensorBatchLoader, TensorSplit
+from reslab.data.augment import random_crop, random_hflip
+
+
+def test_random_crop_is_a_window_of_the_zero_padded_image():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(1, 256, (64, 2, 9, 7), dtype=torch.uint8)
+    out = random_crop(images, 3, g)
+    padded = F.pad(images, (3, 3, 3, 3))
+    offsets = set()
+    for i in range(len(images)):
+        matches = [
+            (dy, dx)
+            for dy in range(7)
+            for dx in range(7)
+            if torch.equal(out[i], padded[i, :, dy : dy + 9, dx : dx + 7])
+        ]
+        assert matches, f"image {i} is not a crop of its padded self"
+        offsets.add(matches[0])
+    assert len(offsets) > 10  # offsets vary per image
+    assert torch.equal(random_crop(images, 0, g), images)
+
+
+def test_random_hflip_flips_about_half():
+    g = torch.Generator().manual_seed(0)
+    images = torch.arange(1000 * 4, dtype=torch.uint8).reshape(1000, 1, 1, 4)
+    out = random_hflip(images, g)
+    flipped = (out == images.flip(3)).all(dim=(1, 2, 3))
+    assert (flipped | (out == images).all(dim=(1, 2, 3))).all()
+    assert 400 < int(flipped.sum()) < 600
+
+
+def _loader(train: bool):
+    images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8)
+    info = DatasetInfo("t", [str(i) for i in range(4)], 1, (8, 8), mean=(0.5,), std=(0.25,))
+    split = TensorSplit(images, torch.arange(40) % 4)
+    return images, TensorBatchLoader(
+        split, info, batch_size=8, train=train, device=torch.device("cpu"), augment=Augment(crop_padding=2, flip=True)
+    )
+
+
+def test_evaluation_batches_are_the_exact_images_in_order():
+    images, loader = _loader(train=False)
+    x = torch.cat([b for b, _ in loader])
+    torch.testing.assert_close(x, (images.float() / 255 - 0.5) / 0.25)
+
+
+def test_training_batches_are_shuffled_and_augmented():
+    images, loader = _loader(train=True)
+    x = torch.cat([b for b, _ in loader])
+    assert x.shape == (40, 1, 8, 8)
+    plain = (images.float() / 255 - 0.5) / 0.25
+    exact = sum(any(torch.equal(row, p) for p in plain) for row in x)
+    assert exact < 20  # most images were cropped or flipped
