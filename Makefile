@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 DEMO_RUN := runs/demo
 demo: $(STAMP) fashion-mnist
 	@start=$$SECONDS; \
-	$(BIN)/reslab train --recipe recipes/fashion_mnist_demo.yaml --out-dir $(DEMO_RUN) && \
+	$(BIN)/reslab train --recipe recipes/fashion_mnist_demo.yaml --out-dir $(DEMO_RUN) --overwrite && \
 	$(BIN)/reslab eval $(DEMO_RUN)/best.pt && \
 	$(BIN)/reslab samples --dataset fashion-mnist --count 4 --out-dir $(DEMO_RUN)/samples > $(DEMO_RUN)/samples.txt && \
 	$(BIN)/reslab predict $(DEMO_RUN)/best.pt $$(cat $(DEMO_RUN)/samples.txt) && \

@@ -7,8 +7,10 @@ exit status 2; a Ctrl-C ends with status 130. Anything else is a bug and keeps i
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from reslab.errors import ReslabError
 
@@ -165,6 +167,7 @@ def _train_config(args: argparse.Namespace):
         given["model_args"] = pairs
     if args.resume:
         base = TrainConfig(**load_checkpoint(args.resume)["config"])
+        given.setdefault("out_dir", str(Path(args.resume).parent))  # the folder resumed from, wherever it moved
         if args.recipe:
             raise ReslabError("--resume continues the checkpoint's own recipe; drop --recipe")
         return from_dict(given, base, source="command line")
@@ -179,7 +182,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = _train_config(args)
     fit(cfg, resume=args.resume)
     run = cfg.run_dir()
-    if (run / "best.pt").exists():  # rank 0 under torchrun
+    if os.environ.get("RANK", "0") == "0" and (run / "best.pt").exists():  # under torchrun, rank 0 alone
         from reslab.analysis.plots import plot_history
         from reslab.train import load_checkpoint
 

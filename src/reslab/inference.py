@@ -12,7 +12,7 @@ from PIL import Image, UnidentifiedImageError
 
 from reslab.analysis.plots import plot_confusion_matrix
 from reslab.data import DatasetInfo, FolderBatchLoader, TensorBatchLoader, load_dataset
-from reslab.data.folder import eval_transform
+from reslab.data.folder import eval_transform, whole_image_folder
 from reslab.errors import ReslabError
 from reslab.train.checkpoint import load_checkpoint, model_from_checkpoint
 from reslab.train.engine import EvalResult, evaluate
@@ -39,29 +39,33 @@ def evaluate_checkpoint(
 
     Writes ``eval_<split>.json`` and ``confusion_<split>.png`` to ``out_dir`` (default: the checkpoint's folder).
     """
+    if split not in ("test", "val"):
+        raise ReslabError(f"--split must be test or val, not {split!r}")
     ckpt = load_checkpoint(path)
     cfg, info = ckpt["config"], _info(ckpt)
     name = dataset or cfg["dataset"]
-    bundle = load_dataset(
-        name,
-        data_dir=data_dir or cfg["data_dir"],
-        val_ratio=cfg["val_ratio"],
-        seed=cfg["seed"],
-        download=cfg["download"],
-        image_size=cfg.get("image_size"),
-        in_chans=cfg.get("in_chans"),
-    )
-    if bundle.info.classes != info.classes:
-        raise ReslabError(f"{name} has classes {bundle.info.classes[:5]}..., the checkpoint {info.classes[:5]}...")
-    data = {"test": bundle.test, "val": bundle.val}.get(split)
-    if split not in ("test", "val"):
-        raise ReslabError(f"--split must be test or val, not {split!r}")
-    if data is None:
-        raise ReslabError(f"{name} has no {split} split here")
+    if name == "imagefolder" and data_dir and data_dir != cfg["data_dir"]:
+        # Another folder than the one trained on: every image in it (or in its test/ folder) is scored.
+        data, in_memory = whole_image_folder(data_dir, info.classes), False
+    else:
+        bundle = load_dataset(
+            name,
+            data_dir=data_dir or cfg["data_dir"],
+            val_ratio=cfg["val_ratio"],
+            seed=cfg["seed"],
+            download=cfg["download"],
+            image_size=cfg.get("image_size"),
+            in_chans=cfg.get("in_chans"),
+        )
+        if bundle.info.classes != info.classes:
+            raise ReslabError(f"{name} has classes {bundle.info.classes[:5]}..., the checkpoint {info.classes[:5]}...")
+        data, in_memory = {"test": bundle.test, "val": bundle.val}[split], bundle.in_memory
+        if data is None:
+            raise ReslabError(f"{name} has no {split} split here")
     dev = pick_device(device)
     model = model_from_checkpoint(ckpt).to(dev, memory_format=torch.channels_last)
     # Normalize with the statistics the model was trained with, not the reloaded split's.
-    if bundle.in_memory:
+    if in_memory:
         loader = TensorBatchLoader(data, info, batch_size=batch_size, train=False, device=dev, channels_last=True)
     else:
         data.transform = eval_transform(info.image_size[0], info.channels, info.mean, info.std)

@@ -57,3 +57,27 @@ def test_training_batches_are_shuffled_and_augmented():
     plain = (images.float() / 255 - 0.5) / 0.25
     exact = sum(any(torch.equal(row, p) for p in plain) for row in x)
     assert exact < 20  # most images were cropped or flipped
+
+
+def test_ranks_read_disjoint_shards_that_cover_the_split():
+    images = torch.arange(41, dtype=torch.uint8).reshape(41, 1, 1, 1).expand(41, 1, 4, 4).contiguous()
+    info = DatasetInfo("t", ["a"], 1, (4, 4), mean=(0.0,), std=(1 / 255,))  # normalize() then returns 0..255
+    split = TensorSplit(images, torch.zeros(41, dtype=torch.long))
+
+    def seen(rank, train):
+        loader = TensorBatchLoader(
+            split,
+            info,
+            batch_size=4,
+            train=train,
+            device=torch.device("cpu"),
+            augment=Augment(crop_padding=0, flip=False),
+            rank=rank,
+            world_size=2,
+        )
+        return [int(v) for x, _ in loader for v in x[:, 0, 0, 0].round()]
+
+    train0, train1 = seen(0, True), seen(1, True)
+    assert len(train0) == len(train1) == 20 and not set(train0) & set(train1)  # equal, disjoint shards
+    val0, val1 = seen(0, False), seen(1, False)
+    assert sorted(val0 + val1) == list(range(41))  # evaluation: every image exactly once

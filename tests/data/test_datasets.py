@@ -73,6 +73,7 @@ def test_cifar_refuses_pickled_code(tmp_path, monkeypatch):
         (lambda p: p.write_bytes(gzip.compress(b"\x00\x00\x08\x03" + b"\x00" * 8)), "truncated|data bytes"),
         (lambda p: p.write_bytes(gzip.compress(b"PK\x03\x04junk")), "not an IDX file"),
         (lambda p: p.write_bytes(b"not gzip at all"), "cannot read"),
+        (lambda p: p.write_bytes(p.read_bytes()[:30] + b"\xff" * 40 + p.read_bytes()[70:]), "cannot read"),
     ],
 )
 def test_corrupt_idx_names_the_file(tmp_path, damage, message):

@@ -4,38 +4,14 @@ import json
 import subprocess
 import sys
 
+from tests.train.test_eval_predict import TINY
+
 
 def test_torchrun_two_processes(tiny_fashion, tmp_path):
     run = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "reslab",
-        "train",
-        "--model",
-        "resnet20",
-        "--model-arg",
-        "layers=[1,1,1]",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "16",
-        "--lr",
-        "0.05",
-        "--device",
-        "cpu",
-        "--quiet",
-        "--no-download",
-        "--data-dir",
-        str(tiny_fashion),
-        "--out-dir",
-        str(run),
-    ]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "reslab"]
+    flags = ["--epochs", "2", "--batch-size", "16", "--data-dir", str(tiny_fashion), "--out-dir", str(run)]
+    cmd = [*torchrun, "train", *TINY, *flags]  # later flags win
     result = subprocess.run(
         cmd, capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     )

@@ -59,13 +59,18 @@ def test_eval_reports_accuracy_per_class_and_confusion(trained, tiny_fashion, ca
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16"])
 def test_predict_any_image_mode_and_size(trained, tmp_path, capsys, mode):
+    from reslab.data.folder import eval_transform
     from tests.data.fixtures import learnable_images
 
-    arr = learnable_images(np.array([3]), 40, 1, 0)[0, 0]  # class 3's bar pattern, at 40x40
-    image = Image.fromarray(arr)
-    image = image.convert(mode) if mode != "I;16" else Image.fromarray(arr.astype(np.uint16) * 257)
-    path = tmp_path / f"x.{'png'}"
+    arr = learnable_images(np.array([3]), 40, 1, 0)[0, 0]  # class 3's stripes, at 40x40
+    gray = Image.fromarray(arr)
+    image = Image.fromarray(arr.astype(np.uint16) * 257) if mode == "I;16" else gray.convert(mode)
+    path = tmp_path / "x.png"
     image.save(path)
+    # Whatever the mode, the model sees what it would see for the grayscale image.
+    to_input = eval_transform(28, 1, (0.5,), (0.5,))
+    with Image.open(path) as reloaded:
+        assert (to_input(reloaded) - to_input(gray)).abs().max() < 0.05
     assert main(["predict", str(trained / "best.pt"), str(path), "--topk", "2"]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"{path}: ") and line.count("%") == 2
@@ -121,3 +126,65 @@ def test_predict_unreadable_image(trained, tmp_path):
     bad.write_bytes(b"not an image")
     result = run_cli("predict", str(trained / "best.pt"), str(bad))
     assert result.returncode == 2 and "bad.png is not a readable image" in result.stderr
+
+
+def test_resume_from_the_command_line(trained, tiny_fashion, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    result = run_cli("train", "--resume", str(copy / "best.pt"))
+    assert (
+        result.returncode == 2 and "holds a model, not a training state; resume from the run's last.pt" in result.stderr
+    )
+    result = run_cli("train", "--resume", str(copy / "last.pt"), "--lr", "0.5")
+    assert result.returncode == 2 and "cannot resume: the checkpoint has lr=0.05, this run 0.5" in result.stderr
+    # A finished run resumed with more patience: nothing left to train, and it writes to the copy, not the original.
+    before = (trained / "last.pt").stat().st_mtime_ns
+    result = run_cli("train", "--resume", str(copy / "last.pt"), "--data-dir", str(tiny_fashion), "--patience", "2")
+    assert result.returncode == 0, result.stderr
+    assert (trained / "last.pt").stat().st_mtime_ns == before
+    assert json.loads((copy / "results.json").read_text())["epochs_run"] == 3
+
+
+def test_recipe_numbers_written_as_yaml_text(tiny_fashion, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lr: 1e-3\nweight_decay: 5e-4\nepochs: 1\noptimizer: adam\n")  # YAML reads 1e-3 as text
+    args = ["train", "--recipe", str(recipe), *TINY[:4], "--device", "cpu", "--quiet", "--no-download"]
+    assert main([*args, "--data-dir", str(tiny_fashion), "--out-dir", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["epochs_run"] == 1
+
+
+def test_eval_on_another_image_folder_scores_every_image(tmp_path):
+    from tests.data.fixtures import write_image_folder
+
+    write_image_folder(tmp_path / "train_imgs", split_dirs=("train",), per_class=12, size=20)
+    write_image_folder(tmp_path / "other", per_class=5, size=20, seed=1)  # flat: 15 images
+    run = tmp_path / "run"
+    args = [
+        "train",
+        "--model",
+        "resnet20",
+        "--model-arg",
+        "layers=[1,1,1]",
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        str(tmp_path / "train_imgs"),
+        "--image-size",
+        "16",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--num-workers",
+        "0",
+        "--out-dir",
+        str(run),
+    ]
+    assert main(args) == 0
+    assert main(["eval", str(run / "best.pt"), "--data-dir", str(tmp_path / "other"), "--out-dir", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "eval_test.json").read_text())["images"] == 15

@@ -77,7 +77,7 @@ def test_resume_refuses_a_different_run(tiny_config, tmp_path):
     cfg = tiny_config(epochs=1)
     fit(cfg)
     with pytest.raises(ReslabError, match="cannot resume: the checkpoint has batch_size=32"):
-        fit(tiny_config(epochs=2, batch_size=16), resume=cfg.run_dir() / "last.pt")
+        fit(tiny_config(epochs=1, batch_size=16), resume=cfg.run_dir() / "last.pt")
 
 
 def test_early_stopping_restores_the_best_model(tiny_config, monkeypatch):
@@ -149,3 +149,36 @@ def test_every_optimizer_and_schedule_trains(tiny_config, optimizer, schedule):
         )
     )
     assert results["test_acc"] > 0.2
+
+
+def test_refuses_to_overwrite_a_run(tiny_config):
+    fit(tiny_config(epochs=1))
+    with pytest.raises(ReslabError, match=r"already holds a run; continue it with --resume .*last\.pt"):
+        fit(tiny_config(epochs=1))
+    assert fit(tiny_config(epochs=1, overwrite=True))["epochs_run"] == 1
+
+
+def test_trains_on_an_image_folder(tmp_path):
+    from reslab.train import TrainConfig
+    from tests.data.fixtures import write_image_folder
+
+    write_image_folder(tmp_path / "images", split_dirs=("train", "test"), per_class=16, size=20)
+    cfg = TrainConfig(
+        model="resnet20",
+        model_args={"layers": [1, 1, 1]},
+        dataset="imagefolder",
+        data_dir=str(tmp_path / "images"),
+        image_size=16,
+        in_chans=3,
+        epochs=2,
+        batch_size=8,
+        lr=0.05,
+        device="cpu",
+        quiet=True,
+        num_workers=1,
+        out_dir=str(tmp_path / "run"),
+    )
+    results = fit(cfg)
+    assert results["epochs_run"] == 2 and results["test_acc"] is not None
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert best["dataset"]["classes"] == ["cat", "dog", "fish"] and best["dataset"]["image_size"] == (16, 16)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -53,6 +54,11 @@ class ConvertMode:
         self.mode = "L" if in_chans == 1 else "RGB"
 
     def __call__(self, image: Image.Image) -> Image.Image:
+        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            # 16-bit and float images: PIL's convert would clip to 255 (all white); scale to 8 bits instead.
+            pixels = np.asarray(image, dtype=np.float64)
+            top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+            image = Image.fromarray(np.clip(pixels / top * 255.0, 0, 255).round().astype(np.uint8))
         if image.mode == "P" and "transparency" in image.info:
             image = image.convert("RGBA")  # palette transparency is lost by a direct convert
         return image.convert(self.mode)
@@ -148,3 +154,17 @@ def load_image_folder(root, *, val_ratio: float, seed: int, image_size: int, in_
 
     # Every split starts with the evaluation transform; the training loader swaps in the augmentation.
     return DataBundle(info=info, train=as_dataset(train), val=as_dataset(val), test=as_dataset(test))
+
+
+def whole_image_folder(root: str | Path, classes: list[str]) -> TransformSubset:
+    """Every image of ``root/test`` (when it exists) or ``root``, for evaluating a trained model on it.
+
+    Its classes must be the model's. The caller sets ``transform`` (the model's normalization).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ReslabError(f"image folder not found: {root}")
+    folder = _image_folder(root / "test" if (root / "test").is_dir() else root)
+    if folder.classes != classes:
+        raise ReslabError(f"{folder.root} has classes {folder.classes}; the model was trained on {classes}")
+    return TransformSubset(folder, None, transform=None)

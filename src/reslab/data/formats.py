@@ -15,6 +15,7 @@ import gzip
 import io
 import pickle
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (optionally gzipped) into an array of its declared shape."""
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise ReslabError(f"cannot read {path}: {err}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ReslabError(f"{path} is not an IDX file (bad magic number)")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from reslab.data.augment import normalize, random_crop, random_hflip
@@ -104,11 +104,11 @@ class FolderBatchLoader:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        self.sampler = (
-            DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=train)
-            if world_size > 1
-            else None
-        )
+        self.sampler = None
+        if world_size > 1 and train:
+            self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, seed=seed, drop_last=True)
+        elif world_size > 1:  # evaluation: disjoint shards, no padding, so every image counts exactly once
+            dataset = Subset(dataset, range(rank, len(dataset), world_size))
         generator = torch.Generator().manual_seed(seed)
         self.loader = DataLoader(
             dataset,
@@ -119,7 +119,9 @@ class FolderBatchLoader:
             drop_last=train,
             pin_memory=device.type == "cuda",
             generator=generator,
-            persistent_workers=num_workers > 0,
+            # Workers restart each epoch so their random seeds come from the (per-epoch reseeded) generator:
+            # persistent workers would carry augmentation state across epochs and break exact resume.
+            persistent_workers=num_workers > 0 and not train,
         )
         self.device = device
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format

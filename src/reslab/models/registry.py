@@ -178,8 +178,10 @@ def create_model(name: str, *, weights: str | Path | None = None, **overrides: A
         )
     try:
         model = ResNet(**{**spec.kwargs, **overrides})
-    except ValueError as err:
-        raise ReslabError(f"{name}: {err}") from None
+    except (ValueError, TypeError) as err:
+        if isinstance(err, TypeError) and not overrides:
+            raise  # the registry's own arguments: a bug, not a user's mistake
+        raise ReslabError(f"{name}: {err}") from None  # e.g. layers="abc" or drop_path_rate="x" from a command line
     model.name = name
     if weights is not None:
         from reslab.models.weights import load_weights

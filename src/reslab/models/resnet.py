@@ -65,7 +65,19 @@ class ResNet(nn.Module):
         stem_width: int | None = None,
     ) -> None:
         super().__init__()
-        _check_args(block, layers, widths, stem, version, shortcut, residual, num_classes, in_chans, drop_path_rate)
+        _check_args(
+            block,
+            layers,
+            widths,
+            stem,
+            version,
+            shortcut,
+            residual,
+            num_classes,
+            in_chans,
+            drop_path_rate,
+            zero_init_residual,
+        )
         # Everything needed to rebuild this exact model: ResNet(**model.config). Checkpoints store it.
         self.config: dict[str, Any] = dict(
             block=block,
@@ -203,7 +215,7 @@ class ResNet(nn.Module):
 
 
 def _check_args(
-    block, layers, widths, stem, version, shortcut, residual, num_classes, in_chans, drop_path_rate
+    block, layers, widths, stem, version, shortcut, residual, num_classes, in_chans, drop_path_rate, zero_init_residual
 ) -> None:
     if block not in ("basic", "bottleneck"):
         raise ValueError(f"block must be 'basic' or 'bottleneck', not {block!r}")
@@ -213,11 +225,19 @@ def _check_args(
         raise ValueError(f"stem must be one of {', '.join(STEMS)}, not {stem!r}")
     if shortcut not in SHORTCUTS:
         raise ValueError(f"shortcut must be 'A' (zero-padded identity) or 'B' (projection), not {shortcut!r}")
+    if isinstance(layers, str) or not all(isinstance(n, int) for n in layers):
+        raise ValueError(f"layers must be a list of positive integers, not {layers!r}")
+    if isinstance(widths, str) or not all(isinstance(n, int) for n in widths):
+        raise ValueError(f"widths must be a list of positive integers, not {widths!r}")
+    if not isinstance(drop_path_rate, (int, float)):
+        raise ValueError(f"drop_path_rate must be a number, not {drop_path_rate!r}")
     if len(layers) == 0 or len(layers) != len(widths) or min(layers) < 1:
         raise ValueError(f"layers {list(layers)} and widths {list(widths)} need one positive entry per stage")
     if num_classes < 1 or in_chans < 1:
         raise ValueError(f"num_classes ({num_classes}) and in_chans ({in_chans}) must be at least 1")
     if not 0.0 <= drop_path_rate < 1.0:
         raise ValueError(f"drop_path_rate must be in [0, 1), not {drop_path_rate}")
+    if zero_init_residual and not residual:
+        raise ValueError("zero_init_residual would zero every layer of a plain network (it has no shortcuts)")
     if drop_path_rate > 0 and not residual:
         raise ValueError("drop_path_rate needs residual branches; a plain network has none")

@@ -45,7 +45,7 @@ class TrainConfig:
     # --- augmentation (training split only) --------------------------------------------------------------
     crop_padding: int = 4  # RandomCrop(size, padding=4); 0 turns it off
     flip: bool = True  # RandomHorizontalFlip
-    tta_flip: bool = False  # also evaluate mirrored images and average the logits
+    tta_flip: bool = False  # test set: average the logits of each image and its mirror (not used for validation)
 
     # --- early stopping ----------------------------------------------------------------------------------
     patience: int = 0  # stop after this many epochs without a better validation accuracy; 0 = never
@@ -61,6 +61,7 @@ class TrainConfig:
 
     # --- output ------------------------------------------------------------------------------------------
     out_dir: str | None = None  # default runs/<model>-<dataset>
+    overwrite: bool = False  # a folder that holds a run is never overwritten unless this says so
     hist_every: int = 1  # weight histograms every this many epochs (0 = never)
     quiet: bool = False  # no progress bar: one line per epoch, for logs and CI
 
@@ -72,11 +73,61 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# What a resumed run may change: how it runs and reports, never what it computes (so resuming stays exact).
+RESUMABLE_OVERRIDES = (
+    "patience",
+    "device",
+    "quiet",
+    "num_workers",
+    "hist_every",
+    "eval_batch_size",
+    "out_dir",
+    "compile",
+    "tta_flip",
+    "download",
+    "data_dir",
+)
 CHOICES = {
     "optimizer": ("sgd", "adam", "adamw"),
     "schedule": ("step", "cosine", "onecycle", "constant"),
     "amp": ("auto", "bf16", "fp16", "off"),
 }
+
+
+# Each option's type, for values that arrive as text (YAML reads `lr: 1e-3` as a string) or of the wrong kind.
+_OPTIONAL = {"data_dir": str, "image_size": int, "in_chans": int, "channels_last": bool, "out_dir": str}
+_TYPES = {name: _OPTIONAL.get(name) or type(getattr(TrainConfig(), name)) for name in FIELDS}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = _TYPES[name]
+    if value is None and name in _OPTIONAL:
+        return None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, (float, str)):
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+            if number is not None and number.is_integer():
+                return int(number)
+    elif kind is float:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(value, kind):
+        return value
+    raise ReslabError(f"{name} must be {'an' if kind is int else 'a'} {kind.__name__}, not {value!r}")
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
@@ -92,10 +143,21 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ReslabError(f"lr must be positive, not {cfg.lr}")
     if not 0 <= cfg.label_smoothing < 1:
         raise ReslabError(f"label_smoothing must be in [0, 1), not {cfg.label_smoothing}")
-    if cfg.patience < 0 or cfg.warmup_epochs < 0 or cfg.crop_padding < 0 or cfg.weight_decay < 0:
-        raise ReslabError("patience, warmup_epochs, crop_padding and weight_decay cannot be negative")
-    if not isinstance(cfg.model_args, dict):
-        raise ReslabError("model_args must be a mapping of create_model options")
+    if not 0 <= cfg.val_ratio < 1:
+        raise ReslabError(f"val_ratio must be in [0, 1), not {cfg.val_ratio}")
+    if cfg.patience and cfg.val_ratio == 0:
+        raise ReslabError("patience (early stopping) needs a validation split: set val_ratio above 0")
+    negative = [
+        n
+        for n in ("patience", "warmup_epochs", "crop_padding", "weight_decay", "num_workers", "hist_every")
+        if getattr(cfg, n) < 0
+    ]
+    if negative:
+        raise ReslabError(f"{', '.join(negative)} cannot be negative")
+    if cfg.in_chans not in (None, 1, 3):
+        raise ReslabError(f"in_chans must be 1 (grayscale) or 3 (RGB), not {cfg.in_chans}")
+    if cfg.image_size is not None and cfg.image_size < 8:
+        raise ReslabError(f"image_size must be at least 8 pixels, not {cfg.image_size}")
     return cfg
 
 
@@ -109,7 +171,8 @@ def from_dict(values: dict[str, Any], base: TrainConfig | None = None, source: s
             f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, FIELDS, 1)) else k for k in unknown
         ]
         raise ReslabError(f"{source}: unknown option(s) {', '.join(hints)}")
-    return validate(dataclasses.replace(base or TrainConfig(), **values))
+    typed = {k: _coerce(k, v) for k, v in values.items()}
+    return validate(dataclasses.replace(base or TrainConfig(), **typed))
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:

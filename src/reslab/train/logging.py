@@ -21,7 +21,12 @@ from torch import Tensor, nn
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, *, enabled: bool, quiet: bool, hist_every: int, resume: bool = False) -> None:
+    def __init__(
+        self, run_dir: Path, *, enabled: bool, quiet: bool, hist_every: int, history: list[dict], start_epoch: int = 0
+    ) -> None:
+        """``history`` and ``start_epoch`` come from the checkpoint a run resumes (empty and 0 for a new run):
+        the metrics file is rewritten from it and TensorBoard drops any event logged after it, so an epoch
+        cut short by Ctrl-C after logging but before its checkpoint is not counted twice."""
         self.enabled, self.quiet, self.hist_every = enabled, quiet, hist_every
         self.console = Console(highlight=False, soft_wrap=True)
         self.writer = None
@@ -32,9 +37,8 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             run_dir.mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-            if not resume:
-                self.metrics_path.write_text("")
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_epoch or None)
+            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
 
     # --- progress ----------------------------------------------------------------------------------------
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:

@@ -14,7 +14,9 @@ and the global RNG state (stochastic depth) is checkpointed, so "train 4 epochs"
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -30,7 +32,7 @@ from reslab.errors import ReslabError
 from reslab.models import create_model
 from reslab.train import runtime
 from reslab.train.checkpoint import FORMAT, atomic_save, load_checkpoint
-from reslab.train.config import TrainConfig
+from reslab.train.config import RESUMABLE_OVERRIDES, TrainConfig
 from reslab.train.engine import evaluate, train_one_epoch
 from reslab.train.logging import GradNormTracker, RunLogger
 from reslab.train.optim import build_optimizer, build_scheduler
@@ -106,13 +108,19 @@ def _restore_rng_states(states: dict[str, list], rt: runtime.Runtime) -> None:
         torch.cuda.set_rng_state(states["cuda"][rt.rank], rt.device)
 
 
-def _check_resumable(ckpt: dict, cfg: TrainConfig) -> None:
+def _check_resumable(ckpt: dict, cfg: TrainConfig, path: str | Path) -> None:
+    if not {"optimizer", "scheduler", "rng", "best"} <= set(ckpt):
+        raise ReslabError(f"{path} holds a model, not a training state; resume from the run's last.pt")
     saved = ckpt["config"]
-    for key in ("model", "dataset", "model_args", "batch_size", "val_ratio", "seed"):
-        if saved.get(key) != getattr(cfg, key):
+    for key, value in cfg.to_dict().items():
+        if key not in RESUMABLE_OVERRIDES and key != "overwrite" and saved.get(key) != value:
             raise ReslabError(
-                f"cannot resume: the checkpoint has {key}={saved.get(key)!r}, this run {getattr(cfg, key)!r}"
+                f"cannot resume: the checkpoint has {key}={saved.get(key)!r}, this run {value!r} "
+                f"(a resumed run may change only {', '.join(RESUMABLE_OVERRIDES)})"
             )
+
+
+AMP_NAMES = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def fit(cfg: TrainConfig, *, resume: str | Path | None = None) -> dict[str, Any]:
@@ -126,10 +134,17 @@ def fit(cfg: TrainConfig, *, resume: str | Path | None = None) -> dict[str, Any]
 
 def _fit(cfg: TrainConfig, rt: runtime.Runtime, resume: str | Path | None) -> dict[str, Any]:
     wall_start = time.perf_counter()
+    # The config as it runs here: "auto" replaced by what this machine chose. Checkpoints store this one.
+    cfg = dataclasses.replace(cfg, device=rt.device.type, amp=AMP_NAMES[rt.amp_dtype], channels_last=rt.channels_last)
     run_dir = cfg.run_dir()
     ckpt = load_checkpoint(resume) if resume else None
     if ckpt is not None:
-        _check_resumable(ckpt, cfg)
+        _check_resumable(ckpt, cfg, resume)
+    elif (run_dir / "last.pt").exists() and not cfg.overwrite:
+        raise ReslabError(
+            f"{run_dir} already holds a run; continue it with --resume {run_dir / 'last.pt'}, "
+            "or pass --out-dir NEW or --overwrite"
+        )
     runtime.seed_everything(cfg.seed + rt.rank)
 
     # Data: rank 0 may download; the others wait, then read the same files.
@@ -179,9 +194,18 @@ def _fit(cfg: TrainConfig, rt: runtime.Runtime, resume: str | Path | None) -> di
     if cfg.compile:
         model = torch.compile(model)
 
-    logger = RunLogger(run_dir, enabled=rt.is_main, quiet=cfg.quiet, hist_every=cfg.hist_every, resume=ckpt is not None)
+    if ckpt is None and rt.is_main:  # a new run (maybe --overwrite): no curves of an older run in its TensorBoard
+        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+    logger = RunLogger(
+        run_dir,
+        enabled=rt.is_main,
+        quiet=cfg.quiet,
+        hist_every=cfg.hist_every,
+        history=history,
+        start_epoch=start_epoch,
+    )
     n_params = sum(p.numel() for p in raw_model.parameters())
-    amp_name = {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}[rt.amp_dtype]
+    amp_name = {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}[rt.amp_dtype]  # for people
     n_val, n_test = (len(s) if s is not None else 0 for s in (bundle.val, bundle.test))
     logger.print(
         f"{cfg.model} ({n_params / 1e6:.2f}M params) on {info.name}: "
@@ -251,19 +275,13 @@ def _fit(cfg: TrainConfig, rt: runtime.Runtime, resume: str | Path | None) -> di
             train_seconds = time.perf_counter() - t0
             logger.end_epoch()
             val = (
-                evaluate(
-                    model,
-                    val_loader,
-                    num_classes=info.num_classes,
-                    device=rt.device,
-                    amp_dtype=rt.amp_dtype,
-                    tta_flip=cfg.tta_flip,
-                )
+                evaluate(model, val_loader, num_classes=info.num_classes, device=rt.device, amp_dtype=rt.amp_dtype)
                 if val_loader is not None
                 else None
             )
+            # Without a validation split nothing is selected: the last epoch is the model.
             metric = val.accuracy if val is not None else train.accuracy
-            improved = metric > best["accuracy"]
+            improved = metric > best["accuracy"] if val is not None else True
             if improved:
                 best = {
                     "accuracy": metric,

@@ -1,0 +1,130 @@
+"""Training throughput: reslab's default path against a plain PyTorch loop, same model, same run.
+
+Usage: python benchmarks/throughput.py [--model resnet20] [--steps 30] [--out benchmarks/results/throughput_cpu.json]
+
+Three ways to train the same ResNet on Fashion-MNIST-shaped data (1x28x28, batch 256), one after the other:
+1. baseline: the textbook loop, torchvision DataLoader with per-image RandomCrop + flip, float32, NCHW;
+2. baseline with reslab's data path: batch augmentation of uint8 tensors, still float32 and NCHW;
+3. reslab's default path (what `reslab train` runs): batch augmentation, bf16 autocast where the CPU runs it
+   natively, channels-last.
+Images per second are reported with the ratio to (1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from torchvision import transforms
+
+from reslab import create_model
+from reslab.data import Augment, DatasetInfo, TensorBatchLoader, TensorSplit
+from reslab.train.runtime import cpu_has_fast_bf16
+
+
+def _images(n: int) -> TensorSplit:
+    g = torch.Generator().manual_seed(0)
+    return TensorSplit(torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g),
+                       torch.randint(0, 10, (n,), generator=g))
+
+
+def _train(model, batches, steps: int, amp: torch.dtype | None) -> float:
+    """Images per second over ``steps`` steps after 3 warm-up steps."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    it = iter(batches)
+    start, seen = None, 0
+    for step in range(steps + 3):
+        if step == 3:
+            start, seen = time.perf_counter(), 0
+        x, y = next(it)
+        with torch.autocast("cpu", dtype=amp) if amp else nullcontext():
+            loss = loss_fn(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        seen += len(y)
+    return seen / (time.perf_counter() - start)
+
+
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--compile", action="store_true", help="also time the default path under torch.compile")
+    parser.add_argument("--out", default="benchmarks/results/throughput_cpu.json")
+    args = parser.parse_args()
+    split = _images(args.batch_size * 8)
+    info = DatasetInfo("synthetic", [str(i) for i in range(10)], 1, (28, 28), mean=(0.286,), std=(0.353,))
+    results = {}
+
+    # 1. The textbook loop: per-image PIL-free tensor transforms in a DataLoader (2 workers), fp32, NCHW.
+    per_image = transforms.Compose([
+        transforms.ConvertImageDtype(torch.float32),
+        transforms.RandomCrop(28, padding=2),
+        transforms.RandomHorizontalFlip(),
+        transforms.Normalize(info.mean, info.std),
+    ])
+
+    class Transformed(TensorDataset):
+        def __getitem__(self, i):
+            x, y = super().__getitem__(i)
+            return per_image(x), y
+
+    loader = DataLoader(Transformed(split.images, split.labels), batch_size=args.batch_size, shuffle=True,
+                        num_workers=2, drop_last=True, persistent_workers=True)
+    torch.manual_seed(0)
+    results["baseline_fp32_nchw_dataloader"] = _train(create_model(args.model, in_chans=1), _forever(loader),
+                                                      args.steps, None)
+
+    # 2. and 3. reslab's batch loader, fp32 NCHW, then bf16 channels-last.
+    amp = torch.bfloat16 if cpu_has_fast_bf16() else None
+    for key, channels_last, dtype in (("reslab_data_fp32_nchw", False, None),
+                                      ("reslab_default_path", True, amp)):
+        batches = TensorBatchLoader(split, info, batch_size=args.batch_size, train=True, device=torch.device("cpu"),
+                                    augment=Augment(crop_padding=2, flip=True), channels_last=channels_last)
+        torch.manual_seed(0)
+        model = create_model(args.model, in_chans=1)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        results[key] = _train(model, _forever(batches), args.steps, dtype)
+
+    compile_seconds = None
+    if args.compile:  # 4. the default path under torch.compile (its first, compiling step timed apart)
+        batches = TensorBatchLoader(split, info, batch_size=args.batch_size, train=True, device=torch.device("cpu"),
+                                    augment=Augment(crop_padding=2, flip=True), channels_last=True)
+        torch.manual_seed(0)
+        model = torch.compile(create_model(args.model, in_chans=1).to(memory_format=torch.channels_last))
+        start = time.perf_counter()
+        _train(model, _forever(batches), 1, amp)
+        compile_seconds = round(time.perf_counter() - start, 1)
+        results["reslab_default_path_compiled"] = _train(model, _forever(batches), args.steps, amp)
+
+    base = results["baseline_fp32_nchw_dataloader"]
+    rows = [{"path": k, "images_per_second": round(v, 1), "speedup": round(v / base, 2)} for k, v in results.items()]
+    for r in rows:
+        print(f"{r['path']:<32} {r['images_per_second']:>8.1f} img/s  {r['speedup']:.2f}x")
+    machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "bf16": amp is not None}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": args.model, "batch_size": args.batch_size, "steps": args.steps,
+                               "machine": machine, "results": rows, "compile_warmup_seconds": compile_seconds},
+                              indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
