@@ -3,7 +3,8 @@
 Usage: python benchmarks/throughput.py [--model resnet20] [--steps 30] [--out benchmarks/results/throughput_cpu.json]
 
 Three ways to train the same ResNet on Fashion-MNIST-shaped data (1x28x28, batch 256), one after the other:
-1. baseline: the textbook loop, torchvision DataLoader with per-image RandomCrop + flip, float32, NCHW;
+1. baseline: the textbook loop, torchvision DataLoader with per-image RandomCrop + flip, float32, NCHW
+   (with 2 workers, and with none);
 2. baseline with reslab's data path: batch augmentation of uint8 tensors, still float32 and NCHW;
 3. reslab's default path (what `reslab train` runs): batch augmentation, bf16 autocast where the CPU runs it
    natively, channels-last.
@@ -30,8 +31,9 @@ from reslab.train.runtime import cpu_has_fast_bf16
 
 def _images(n: int) -> TensorSplit:
     g = torch.Generator().manual_seed(0)
-    return TensorSplit(torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g),
-                       torch.randint(0, 10, (n,), generator=g))
+    return TensorSplit(
+        torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g), torch.randint(0, 10, (n,), generator=g)
+    )
 
 
 def _train(model, batches, steps: int, amp: torch.dtype | None) -> float:
@@ -71,30 +73,45 @@ def main() -> None:
     results = {}
 
     # 1. The textbook loop: per-image PIL-free tensor transforms in a DataLoader (2 workers), fp32, NCHW.
-    per_image = transforms.Compose([
-        transforms.ConvertImageDtype(torch.float32),
-        transforms.RandomCrop(28, padding=2),
-        transforms.RandomHorizontalFlip(),
-        transforms.Normalize(info.mean, info.std),
-    ])
+    per_image = transforms.Compose(
+        [
+            transforms.ConvertImageDtype(torch.float32),
+            transforms.RandomCrop(28, padding=2),
+            transforms.RandomHorizontalFlip(),
+            transforms.Normalize(info.mean, info.std),
+        ]
+    )
 
     class Transformed(TensorDataset):
         def __getitem__(self, i):
             x, y = super().__getitem__(i)
             return per_image(x), y
 
-    loader = DataLoader(Transformed(split.images, split.labels), batch_size=args.batch_size, shuffle=True,
-                        num_workers=2, drop_last=True, persistent_workers=True)
-    torch.manual_seed(0)
-    results["baseline_fp32_nchw_dataloader"] = _train(create_model(args.model, in_chans=1), _forever(loader),
-                                                      args.steps, None)
+    # Its DataLoader workers share the 2 cores with training, so it is also timed with no workers.
+    for key, workers in (("baseline_fp32_nchw_dataloader", 2), ("baseline_fp32_nchw_dataloader_no_workers", 0)):
+        loader = DataLoader(
+            Transformed(split.images, split.labels),
+            batch_size=args.batch_size,
+            shuffle=True,
+            num_workers=workers,
+            drop_last=True,
+            persistent_workers=workers > 0,
+        )
+        torch.manual_seed(0)
+        results[key] = _train(create_model(args.model, in_chans=1), _forever(loader), args.steps, None)
 
     # 2. and 3. reslab's batch loader, fp32 NCHW, then bf16 channels-last.
     amp = torch.bfloat16 if cpu_has_fast_bf16() else None
-    for key, channels_last, dtype in (("reslab_data_fp32_nchw", False, None),
-                                      ("reslab_default_path", True, amp)):
-        batches = TensorBatchLoader(split, info, batch_size=args.batch_size, train=True, device=torch.device("cpu"),
-                                    augment=Augment(crop_padding=2, flip=True), channels_last=channels_last)
+    for key, channels_last, dtype in (("reslab_data_fp32_nchw", False, None), ("reslab_default_path", True, amp)):
+        batches = TensorBatchLoader(
+            split,
+            info,
+            batch_size=args.batch_size,
+            train=True,
+            device=torch.device("cpu"),
+            augment=Augment(crop_padding=2, flip=True),
+            channels_last=channels_last,
+        )
         torch.manual_seed(0)
         model = create_model(args.model, in_chans=1)
         if channels_last:
@@ -103,8 +120,15 @@ def main() -> None:
 
     compile_seconds = None
     if args.compile:  # 4. the default path under torch.compile (its first, compiling step timed apart)
-        batches = TensorBatchLoader(split, info, batch_size=args.batch_size, train=True, device=torch.device("cpu"),
-                                    augment=Augment(crop_padding=2, flip=True), channels_last=True)
+        batches = TensorBatchLoader(
+            split,
+            info,
+            batch_size=args.batch_size,
+            train=True,
+            device=torch.device("cpu"),
+            augment=Augment(crop_padding=2, flip=True),
+            channels_last=True,
+        )
         torch.manual_seed(0)
         model = torch.compile(create_model(args.model, in_chans=1).to(memory_format=torch.channels_last))
         start = time.perf_counter()
@@ -116,13 +140,28 @@ def main() -> None:
     rows = [{"path": k, "images_per_second": round(v, 1), "speedup": round(v / base, 2)} for k, v in results.items()]
     for r in rows:
         print(f"{r['path']:<32} {r['images_per_second']:>8.1f} img/s  {r['speedup']:.2f}x")
-    machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "bf16": amp is not None}
+    machine = {
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "bf16": amp is not None,
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "batch_size": args.batch_size, "steps": args.steps,
-                               "machine": machine, "results": rows, "compile_warmup_seconds": compile_seconds},
-                              indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "model": args.model,
+                "batch_size": args.batch_size,
+                "steps": args.steps,
+                "machine": machine,
+                "results": rows,
+                "compile_warmup_seconds": compile_seconds,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
 
 

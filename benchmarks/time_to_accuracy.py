@@ -26,18 +26,38 @@ def main() -> None:
     parser.add_argument("extra", nargs="*", help="more `reslab train` flags (after --)")
     args = parser.parse_args()
     run_dir = Path(tempfile.mkdtemp(prefix="reslab-tta-"))
-    cmd = [sys.executable, "-m", "reslab", "train", "--recipe", args.recipe, "--device", args.device,
-           "--out-dir", str(run_dir), *args.extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "reslab",
+        "train",
+        "--recipe",
+        args.recipe,
+        "--device",
+        args.device,
+        "--out-dir",
+        str(run_dir),
+        *args.extra,
+    ]
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - start
     results = json.loads((run_dir / "results.json").read_text())
     record = {
-        "recipe": args.recipe, "command": " ".join(["reslab", *cmd[3:]]), "wall_seconds": round(wall, 1),
-        "test_acc": results["test_acc"], "target": args.target, "reached": results["test_acc"] >= args.target,
-        "epochs_run": results["epochs_run"], "train_seconds": results["train_seconds"],
-        "machine": {"platform": platform.platform(), "cpu": platform.processor(), "device": results["device"],
-                    "amp": results["amp"]},
+        "recipe": args.recipe,
+        "command": " ".join(["reslab", *cmd[3:]]),
+        "wall_seconds": round(wall, 1),
+        "test_acc": results["test_acc"],
+        "target": args.target,
+        "reached": results["test_acc"] >= args.target,
+        "epochs_run": results["epochs_run"],
+        "train_seconds": results["train_seconds"],
+        "machine": {
+            "platform": platform.platform(),
+            "cpu": platform.processor(),
+            "device": results["device"],
+            "amp": results["amp"],
+        },
     }
     out = Path("benchmarks/results") / f"time_to_accuracy_{Path(args.recipe).stem}_{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
