@@ -205,7 +205,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         out_dir=args.out_dir,
         device=args.device,
     )
-    table = Table(title=f"{report['dataset']} {report['split']}: {report['images']} images")
+    table = Table(title=f"{report['dataset']} {report['split']}: {report['images']} images", min_width=44)
     table.add_column("class")
     table.add_column("accuracy", justify="right")
     for name, acc in report["per_class_accuracy"].items():
