@@ -49,3 +49,17 @@ def test_readme_model_table_is_generated():
     block = re.search(r"<!-- models:start -->\n(.*?)\n<!-- models:end -->", readme, flags=re.S)
     assert block, "README.md has no generated model table"
     assert block.group(1).strip() == models_markdown(), "regenerate it: reslab models --format markdown"
+
+
+def test_train_help_documents_every_option(capsys):
+    import dataclasses
+
+    from reslab.train import TrainConfig
+
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(TrainConfig):
+        assert ("--model-arg" if f.name == "model_args" else "--" + f.name.replace("_", "-")) in out
+    assert "held out of the training set, stratified" in " ".join(out.split())  # the config's own comments

@@ -108,9 +108,10 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (``--batch-size``, ``--no-flip``, ...), defaulting to "not given"."""
     import dataclasses
 
-    from reslab.train.config import CHOICES, TrainConfig
+    from reslab.train.config import CHOICES, TrainConfig, field_help
 
     defaults = TrainConfig()
+    helps = field_help()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
@@ -124,7 +125,11 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             )
         elif isinstance(default, bool) or f.name == "channels_last":
             p.add_argument(
-                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=f"(default: {default})"
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{helps.get(f.name, '')} (default: {default})",
             )
         else:
             kind = {
@@ -141,7 +146,12 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                 "in_chans": int,
             }.get(f.name, type(default) if default is not None else str)
             p.add_argument(
-                flag, dest=f.name, type=kind, default=None, choices=CHOICES.get(f.name), help=f"(default: {default})"
+                flag,
+                dest=f.name,
+                type=kind,
+                default=None,
+                choices=CHOICES.get(f.name),
+                help=f"{helps.get(f.name, '')} (default: {default})",
             )
 
 
@@ -258,11 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", choices=("v1", "v1.5", "v2"), default=None)
     p.set_defaults(func=cmd_summary)
 
-    p = sub.add_parser(
-        "train",
-        help="train a model on a dataset (flags override the recipe)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = sub.add_parser("train", help="train a model on a dataset (flags override the recipe)")
     p.add_argument("--recipe", help="YAML file of options, e.g. recipes/fashion_mnist_demo.yaml")
     p.add_argument("--resume", metavar="CKPT", help="continue from a last.pt checkpoint")
     _add_config_flags(p)

@@ -21,7 +21,7 @@ class TrainConfig:
     # --- what to train -----------------------------------------------------------------------------------
     model: str = "resnet20"  # a name from `reslab models`; the paper's CIFAR ResNet-20 suits 28-32 px images
     model_args: dict[str, Any] = field(default_factory=dict)  # extra create_model options, e.g. widths
-    dataset: str = "fashion-mnist"  # the benchmark available offline here (Debian's dataset-fashion-mnist)
+    dataset: str = "fashion-mnist"  # or mnist, cifar10, cifar100, imagefolder, synthetic
     data_dir: str | None = None  # looked in first; then $RESLAB_DATA, then /usr/share/datasets
     download: bool = True  # let torchvision fetch missing files where the network allows
     val_ratio: float = 0.2  # held out of the training set, stratified, for early stopping (as the seeds)
@@ -29,7 +29,7 @@ class TrainConfig:
     in_chans: int | None = None  # imagefolder only: 1 for grayscale, 3 (default) for RGB
 
     # --- optimization ------------------------------------------------------------------------------------
-    epochs: int = 30
+    epochs: int = 30  # passes over the training split (fewer when early stopping ends the run)
     batch_size: int = 128  # per process; the paper's CIFAR runs use 128
     optimizer: str = "sgd"  # sgd | adam | adamw
     lr: float = 0.1  # the paper's CIFAR learning rate for SGD at batch 128
@@ -73,6 +73,17 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def field_help() -> dict[str, str]:
+    """Each option's comment in the class above: the one text for both readers of this file and `--help`."""
+    import inspect
+    import re
+
+    source = inspect.getsource(TrainConfig)
+    return {m[1]: m[2].strip() for m in re.finditer(r"^    (\w+): [^#\n]*#\s*(.*)$", source, flags=re.M)}
+
+
 # What a resumed run may change: how it runs and reports, never what it computes (so resuming stays exact).
 RESUMABLE_OVERRIDES = (
     "patience",
