@@ -101,9 +101,8 @@ def main() -> None:
         results[key] = _train(create_model(args.model, in_chans=1), _forever(loader), args.steps, None)
 
     # 2. and 3. reslab's batch loader, fp32 NCHW, then bf16 channels-last.
-    amp = torch.bfloat16 if cpu_has_fast_bf16() else None
-    for key, channels_last, dtype in (("reslab_data_fp32_nchw", False, None), ("reslab_default_path", True, amp)):
-        batches = TensorBatchLoader(
+    def reslab_batches(channels_last: bool):
+        loader = TensorBatchLoader(
             split,
             info,
             batch_size=args.batch_size,
@@ -112,29 +111,25 @@ def main() -> None:
             augment=Augment(crop_padding=2, flip=True),
             channels_last=channels_last,
         )
+        return _forever(loader)
+
+    def reslab_model(channels_last: bool) -> torch.nn.Module:
         torch.manual_seed(0)
         model = create_model(args.model, in_chans=1)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        results[key] = _train(model, _forever(batches), args.steps, dtype)
+        return model.to(memory_format=torch.channels_last) if channels_last else model
+
+    amp = torch.bfloat16 if cpu_has_fast_bf16() else None
+    for key, channels_last, dtype in (("reslab_data_fp32_nchw", False, None), ("reslab_default_path", True, amp)):
+        results[key] = _train(reslab_model(channels_last), reslab_batches(channels_last), args.steps, dtype)
 
     compile_seconds = None
     if args.compile:  # 4. the default path under torch.compile (its first, compiling step timed apart)
-        batches = TensorBatchLoader(
-            split,
-            info,
-            batch_size=args.batch_size,
-            train=True,
-            device=torch.device("cpu"),
-            augment=Augment(crop_padding=2, flip=True),
-            channels_last=True,
-        )
-        torch.manual_seed(0)
-        model = torch.compile(create_model(args.model, in_chans=1).to(memory_format=torch.channels_last))
+        batches = reslab_batches(True)
+        model = torch.compile(reslab_model(True))
         start = time.perf_counter()
-        _train(model, _forever(batches), 1, amp)
+        _train(model, batches, 1, amp)
         compile_seconds = round(time.perf_counter() - start, 1)
-        results["reslab_default_path_compiled"] = _train(model, _forever(batches), args.steps, amp)
+        results["reslab_default_path_compiled"] = _train(model, batches, args.steps, amp)
 
     base = results["baseline_fp32_nchw_dataloader"]
     rows = [{"path": k, "images_per_second": round(v, 1), "speedup": round(v / base, 2)} for k, v in results.items()]

@@ -205,7 +205,7 @@ def _fit(cfg: TrainConfig, rt: runtime.Runtime, resume: str | Path | None) -> di
         start_epoch=start_epoch,
     )
     n_params = sum(p.numel() for p in raw_model.parameters())
-    amp_name = {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}[rt.amp_dtype]  # for people
+    amp_name = "float32" if cfg.amp == "off" else cfg.amp
     n_val, n_test = (len(s) if s is not None else 0 for s in (bundle.val, bundle.test))
     logger.print(
         f"{cfg.model} ({n_params / 1e6:.2f}M params) on {info.name}: "
