@@ -48,6 +48,7 @@ def main() -> None:
         "command": " ".join(["reslab", *cmd[3:]]),
         "wall_seconds": round(wall, 1),
         "test_acc": results["test_acc"],
+        "best_val_acc": results["best_val_acc"],
         "target": args.target,
         "reached": results["test_acc"] >= args.target,
         "epochs_run": results["epochs_run"],

@@ -23,14 +23,14 @@ def _format_macs(n: int) -> str:
     return f"{n / 1e9:.2f}G" if n >= 1e8 else f"{n / 1e6:.1f}M"
 
 
-def model_rows() -> list[dict[str, str]]:
+def model_rows(pattern: str | None = None) -> list[dict[str, str]]:
     """One row per registered model: name, depth, block, version, shortcut, parameters."""
     import torch
 
     from reslab.models import create_model, get_spec, list_models
 
     rows = []
-    for name in list_models():
+    for name in list_models(pattern):
         with torch.device("meta"):  # shapes only: counting parameters allocates nothing
             model = create_model(name)
         cfg = model.config
@@ -50,19 +50,17 @@ def model_rows() -> list[dict[str, str]]:
     return rows
 
 
-def models_markdown() -> str:
+def models_markdown(pattern: str | None = None) -> str:
     """The model table as Markdown, exactly as README.md shows it (a test keeps the two equal)."""
     cols = ["name", "family", "depth", "block", "version", "shortcut", "params"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(r[c] for c in cols) + " |" for r in model_rows()]
+    lines += ["| " + " | ".join(r[c] for c in cols) + " |" for r in model_rows(pattern)]
     return "\n".join(lines)
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    import fnmatch
-
     if args.format == "markdown":
-        print(models_markdown())
+        print(models_markdown(args.filter))
         return
     from rich.console import Console
     from rich.table import Table
@@ -70,9 +68,8 @@ def cmd_models(args: argparse.Namespace) -> None:
     table = Table(title="reslab models")
     for col in ("name", "family", "depth", "block", "version", "shortcut", "params"):
         table.add_column(col, justify="right" if col in ("depth", "params") else "left", no_wrap=True)
-    for r in model_rows():
-        if args.filter is None or fnmatch.fnmatch(r["name"], args.filter):
-            table.add_row(r["name"], r["family"], r["depth"], r["block"], r["version"], r["shortcut"], r["params"])
+    for r in model_rows(args.filter):
+        table.add_row(r["name"], r["family"], r["depth"], r["block"], r["version"], r["shortcut"], r["params"])
     Console().print(table)
 
 
@@ -84,7 +81,7 @@ def cmd_summary(args: argparse.Namespace) -> None:
 
     if any(v < 1 for v in args.input_size):
         raise ReslabError(f"--input-size needs three positive numbers C H W, got {args.input_size}")
-    overrides = {"num_classes": args.num_classes} if args.num_classes else {}
+    overrides = {"num_classes": args.num_classes} if args.num_classes is not None else {}
     if args.version:
         overrides["version"] = args.version
     overrides["in_chans"] = args.input_size[0]
@@ -230,6 +227,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from reslab.inference import predict_images
 
+    if args.topk < 1:
+        raise ReslabError(f"--topk must be at least 1, not {args.topk}")
     for p in predict_images(args.checkpoint, args.images, topk=args.topk, device=args.device):
         ranked = ", ".join(f"{name} {prob:.1%}" for name, prob in p.top)
         print(f"{p.path}: {ranked}")
@@ -316,6 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         func(args)
     except ReslabError as err:
         print(f"reslab: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a folder that cannot be written, a full disk: the user's to fix
+        print(f"reslab: error: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("reslab: interrupted", file=sys.stderr)

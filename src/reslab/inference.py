@@ -44,7 +44,10 @@ def evaluate_checkpoint(
     ckpt = load_checkpoint(path)
     cfg, info = ckpt["config"], _info(ckpt)
     name = dataset or cfg["dataset"]
-    if name == "imagefolder" and data_dir and data_dir != cfg["data_dir"]:
+    trained_on = Path(cfg["data_dir"]).resolve() if cfg["data_dir"] else None
+    if name == "imagefolder" and data_dir and Path(data_dir).resolve() != trained_on:
+        if split == "val":
+            raise ReslabError("--split val needs the folder the model was trained on; another folder is all test")
         # Another folder than the one trained on: every image in it (or in its test/ folder) is scored.
         data, in_memory = whole_image_folder(data_dir, info.classes), False
     else:

@@ -105,6 +105,10 @@ def run_cli(*args, env=None):
             "cifar10: cifar-10-batches-py",
         ),
         (["eval", "README.md"], "README.md is not a readable reslab checkpoint"),
+        (["train", "--momentum", "-1"], "momentum must be in [0, 1), not -1.0"),
+        (["train", "--model-arg", "num_classes=3"], "model_args cannot set num_classes: the dataset decides them"),
+        (["train", "--device", "mps"], "device mps was asked for, but Apple's MPS is not available here"),
+        (["train", "--out-dir", "/proc/x", "--dataset", "synthetic", "--epochs", "1"], "/proc/x"),
     ],
 )
 def test_user_errors_are_one_line(args, message, tmp_path):

@@ -108,6 +108,13 @@ def test_early_stopping_restores_the_best_model(tiny_config, monkeypatch):
     for key, value in last["best"]["state"].items():
         assert torch.equal(best["model"][key], value), key  # best.pt holds epoch 2's weights...
     assert any(not torch.equal(best["model"][k], v) for k, v in last["model"].items())  # ...not the last ones
+    # Resuming a run that early stopping ended trains nothing more.
+    assert fit(tiny_config(epochs=6, patience=2), resume=cfg.run_dir() / "last.pt")["epochs_run"] == 4
+
+
+def test_a_diverging_run_stops_with_a_clear_error(tiny_config):
+    with pytest.raises(ReslabError, match=r"the training loss became nan in epoch 1; lower --lr"):
+        fit(tiny_config(epochs=2, lr=1e30))
 
 
 def test_augmentation_only_on_training_split(tiny_config):

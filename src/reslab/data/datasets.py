@@ -335,6 +335,8 @@ def load_dataset(
         raise ReslabError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if val_ratio > 0:
         train_idx, val_idx = stratified_split(train.labels, val_ratio, seed)
+        if len(val_idx) == 0:
+            raise ReslabError(f"--val-ratio {val_ratio} leaves no validation image; use a larger one or 0")
         train, val = train.subset(train_idx), train.subset(val_idx)
     else:
         val = None

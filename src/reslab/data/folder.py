@@ -43,6 +43,14 @@ class TransformSubset(Dataset):
         return [self.folder.targets[i] for i in idx]
 
 
+def _open_image(path: str) -> Image.Image:
+    """Open an image as it is (ImageFolder's default loader converts to RGB first, clipping 16-bit images)."""
+    with open(path, "rb") as f:
+        image = Image.open(f)
+        image.load()
+        return image
+
+
 def _is_image(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
@@ -66,7 +74,7 @@ class ConvertMode:
 
 def _image_folder(path: Path) -> ImageFolder:
     try:
-        return ImageFolder(str(path), is_valid_file=_is_image)
+        return ImageFolder(str(path), is_valid_file=_is_image, loader=_open_image)
     except (FileNotFoundError, RuntimeError) as err:
         raise ReslabError(f"{path}: not an image folder ({err}); expected class folders of JPEG/PNG images") from None
 

@@ -7,6 +7,7 @@ checkpoints store the resolved config so a resumed or evaluated run rebuilds exa
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,8 +151,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ReslabError(f"{name} must be at least 1, not {getattr(cfg, name)}")
-    if cfg.lr <= 0:
-        raise ReslabError(f"lr must be positive, not {cfg.lr}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ReslabError(f"lr must be a positive number, not {cfg.lr}")
+    if not 0 <= cfg.momentum < 1:
+        raise ReslabError(f"momentum must be in [0, 1), not {cfg.momentum}")
+    if not 0 < cfg.gamma <= 1:
+        raise ReslabError(f"gamma must be in (0, 1], not {cfg.gamma}")
+    clash = sorted({"num_classes", "in_chans"} & set(cfg.model_args))
+    if clash:
+        raise ReslabError(f"model_args cannot set {', '.join(clash)}: the dataset decides them")
     if not 0 <= cfg.label_smoothing < 1:
         raise ReslabError(f"label_smoothing must be in [0, 1), not {cfg.label_smoothing}")
     if not 0 <= cfg.val_ratio < 1:
@@ -197,4 +205,6 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         raise ReslabError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise ReslabError(f"{path} should hold a mapping of options, not a {type(values).__name__}")
+    if not all(isinstance(k, str) for k in values):
+        raise ReslabError(f"{path}: every option name must be text, e.g. `lr: 0.1`")
     return {k.replace("-", "_"): v for k, v in values.items()}

@@ -47,6 +47,10 @@ def pick_device(name: str) -> torch.device:
         raise ReslabError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ReslabError("device cuda was asked for, but no CUDA GPU is available; use --device cpu")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ReslabError("device mps was asked for, but Apple's MPS is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ReslabError(f"device {name!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
     return device
 
 

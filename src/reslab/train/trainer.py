@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import time
 from dataclasses import asdict
@@ -184,6 +185,8 @@ def _fit(cfg: TrainConfig, rt: runtime.Runtime, resume: str | Path | None) -> di
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         best, history, start_epoch = ckpt["best"], ckpt["history"], ckpt["epoch"] + 1
+        if ckpt.get("stopped_early") and cfg.patience:
+            start_epoch = cfg.epochs  # early stopping already ended this run: only the final evaluation is left
         _restore_rng_states(ckpt["rng"], rt)
 
     model: nn.Module = raw_model
@@ -242,7 +245,7 @@ def _fit(cfg: TrainConfig, rt: runtime.Runtime, resume: str | Path | None) -> di
             ckpt_out.update(best={k: v for k, v in best.items() if k != "state"})
         return ckpt_out
 
-    stopped_early = False
+    stopped_early = bool(ckpt and ckpt.get("stopped_early") and cfg.patience)
     try:
         for epoch in range(start_epoch, cfg.epochs):
             train_loader.set_epoch(epoch)
@@ -273,6 +276,11 @@ def _fit(cfg: TrainConfig, rt: runtime.Runtime, resume: str | Path | None) -> di
                 on_step=on_step,
             )
             train_seconds = time.perf_counter() - t0
+            if not math.isfinite(train.loss):
+                raise ReslabError(
+                    f"the training loss became {train.loss} in epoch {epoch + 1}; lower --lr (the last good epoch "
+                    f"is in {run_dir / 'last.pt'})"
+                )
             logger.end_epoch()
             val = (
                 evaluate(model, val_loader, num_classes=info.num_classes, device=rt.device, amp_dtype=rt.amp_dtype)
@@ -319,6 +327,8 @@ def _fit(cfg: TrainConfig, rt: runtime.Runtime, resume: str | Path | None) -> di
                     f"best was epoch {best['epoch'] + 1} ({best['accuracy']:.2%})"
                 )
                 stopped_early = True
+                if rt.is_main:
+                    atomic_save({**checkpoint(epoch, full=True), "stopped_early": True}, run_dir / "last.pt")
                 break
     except KeyboardInterrupt:
         logger.close()
