@@ -14,23 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from reslab.errors import ReslabError
 from reslab.models import ResNet
 
 FORMAT = "reslab-checkpoint-1"
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside DDP and torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def atomic_save(obj: Any, path: Path) -> None:

@@ -19,7 +19,6 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -227,7 +226,7 @@ def _fit(cfg: TrainConfig, rt: runtime.Runtime, resume: str | Path | None) -> di
             "format": FORMAT,
             "model_name": cfg.model,
             "model_config": raw_model.config,
-            "dataset": asdict(info),
+            "dataset": dataclasses.asdict(info),
             "config": cfg.to_dict(),
             "epoch": epoch,
             "model": weights if weights is not None else raw_model.state_dict(),
