@@ -1,8 +1,9 @@
 """Residual blocks: BasicBlock and Bottleneck, their pre-activation (v2) forms, and the shortcuts.
 
-Every block computes ``y = join(F(x), shortcut(x))`` where ``F`` is the residual branch. With
-``residual=False`` the join drops the shortcut and the block becomes a layer of the "plain" twin network
-used in He et al. 2015, Sec. 4.1, to show the degradation problem.
+Every block computes ``y = merge(F(x), shortcut(x))``, where ``F`` is the residual branch: ``paths`` returns
+the two, ``merge`` adds them (then ReLU in v1). With ``residual=False`` the merge drops the shortcut and the
+block becomes a layer of the "plain" twin network used in He et al. 2015, Sec. 4.1, to show the degradation
+problem.
 
 Parameter names follow torchvision (``conv1``, ``bn1``, ..., ``downsample.0`` / ``downsample.1``) so that
 state dicts move between the two libraries unchanged.
@@ -145,10 +146,21 @@ class _Block(nn.Module):
             return self.downsample(preactivated)
         return self.downsample(x)
 
-    def _join(self, branch: Tensor, identity: Tensor | None) -> Tensor:
-        if identity is None:
-            return branch
-        return self.drop_path(branch) + identity
+    def forward(self, x: Tensor) -> Tensor:
+        branch, identity = self.paths(x)
+        return self.merge(branch, identity)
+
+    def paths(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The two paths of ``y = merge(F(x), shortcut(x))``: (F(x), shortcut(x)); None for a plain block.
+
+        Kept apart so ``reslab.explain`` can measure, and lesion, each path of a real block.
+        """
+        raise NotImplementedError
+
+    def merge(self, branch: Tensor, identity: Tensor | None) -> Tensor:
+        """The join: ``F(x) + shortcut(x)`` (just ``F(x)`` in a plain block), then ReLU in v1 (not in v2)."""
+        out = branch if identity is None else self.drop_path(branch) + identity
+        return out if self.preact else self.relu(out)
 
     def last_norm_or_conv(self) -> nn.Module:
         """The module zeroed by ``zero_init_residual`` so the block starts as the identity."""
@@ -180,11 +192,10 @@ class BasicBlock(_Block):
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def paths(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         identity = self._shortcut(x) if self.residual else None
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(self._join(out, identity))
+        return self.bn2(self.conv2(out)), identity
 
     def last_norm_or_conv(self) -> nn.Module:
         return self.bn2
@@ -212,12 +223,11 @@ class Bottleneck(_Block):
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def paths(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         identity = self._shortcut(x) if self.residual else None
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(self._join(out, identity))
+        return self.bn3(self.conv3(out)), identity
 
     def last_norm_or_conv(self) -> nn.Module:
         return self.bn3
@@ -240,12 +250,11 @@ class PreActBasicBlock(_Block):
         self.conv2 = conv3x3(planes, planes)
         self.relu = nn.ReLU(inplace=False)  # the raw input x is still needed by the identity path
 
-    def forward(self, x: Tensor) -> Tensor:
+    def paths(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         pre = self.relu(self.bn1(x))
         identity = self._shortcut(x, pre) if self.residual else None
         out = self.conv1(pre)
-        out = self.conv2(self.relu(self.bn2(out)))
-        return self._join(out, identity)
+        return self.conv2(self.relu(self.bn2(out))), identity
 
     def last_norm_or_conv(self) -> nn.Module:
         return self.conv2
@@ -267,13 +276,12 @@ class PreActBottleneck(_Block):
         self.conv3 = conv1x1(width, planes * self.expansion)
         self.relu = nn.ReLU(inplace=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def paths(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         pre = self.relu(self.bn1(x))
         identity = self._shortcut(x, pre) if self.residual else None
         out = self.conv1(pre)
         out = self.conv2(self.relu(self.bn2(out)))
-        out = self.conv3(self.relu(self.bn3(out)))
-        return self._join(out, identity)
+        return self.conv3(self.relu(self.bn3(out))), identity
 
     def last_norm_or_conv(self) -> nn.Module:
         return self.conv3
