@@ -1,0 +1,185 @@
+"""The lesion study (Veit et al. 2016): a deleted block is exactly its block with the residual branch at zero,
+the model comes back unchanged, and the measured accuracies are those of the lesioned model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from reslab.errors import ReslabError
+from reslab.explain import lesion
+from reslab.explain.common import accuracy, load_subject, real_images, residual_blocks
+from reslab.explain.lesion import _lesioned, _predictions, _run_from
+from reslab.models import create_model
+from reslab.models.blocks import ZeroPadShortcut
+from tests.data.fixtures import write_mnist_like
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors gain nothing from a second thread, and on a busy 2-core machine OpenMP's spin-waiting
+    # made these tests about 10x slower with two.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tiny(name: str, seed: int = 0) -> nn.Module:
+    """A tiny net whose BN layers hold non-trivial running statistics and affine parameters, in eval mode."""
+    torch.manual_seed(seed)
+    model = create_model(name, num_classes=10, in_chans=1, layers=[2, 2, 2])
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()
+    return model.eval()
+
+
+def _zero_branch_copy(model: nn.Module, name: str) -> nn.Module:
+    """A copy of ``model`` whose block ``name`` has F(x) = 0 exactly: its last BN (v1) or conv (v2) at zero."""
+    twin = copy.deepcopy(model)
+    last = dict(residual_blocks(twin))[name].last_norm_or_conv()
+    with torch.no_grad():
+        last.weight.zero_()
+        if last.bias is not None:
+            last.bias.zero_()
+    return twin
+
+
+@pytest.mark.parametrize("model_name", ["resnet20", "preact_resnet110"])
+def test_deleted_block_is_the_block_with_its_residual_branch_at_zero(model_name):
+    # resnet20: v1, option A (layer2.0 / layer3.0 downsample through the zero-pad shortcut);
+    # preact_resnet110: v2 with projection shortcuts, whose deletion needs the pre-activated input.
+    model = _tiny(model_name)
+    x = torch.randn(4, 1, 12, 12)
+    for name, _ in residual_blocks(model):
+        with torch.no_grad(), _lesioned(model, delete=[name]):
+            lesioned = model(x)
+        assert torch.equal(lesioned, _zero_branch_copy(model, name)(x)), name
+
+
+def test_downsampling_block_of_option_a_net_is_deleted_to_its_shortcut():
+    model = _tiny("resnet20")
+    block = model.layer2[0]
+    assert isinstance(block.downsample, ZeroPadShortcut)
+    h = torch.relu(torch.randn(3, 16, 12, 12))  # a block's input in v1 is a ReLU output
+    with torch.no_grad(), _lesioned(model, delete=["layer2.0"]):
+        out = block(h)
+    # The ReLU after the sum acts on shortcut(x) >= 0: the deleted block is the shortcut itself.
+    assert out.shape == (3, 32, 6, 6)
+    assert torch.equal(out, block.downsample(h))
+    assert torch.equal(out[:, 16:], torch.zeros(3, 16, 6, 6))
+
+
+def test_deleted_plain_block_is_the_identity_or_the_option_a_map():
+    model = _tiny("plain20")
+    h = torch.randn(3, 16, 12, 12)
+    with torch.no_grad(), _lesioned(model, delete=["layer1.1", "layer2.0"]):
+        assert torch.equal(model.layer1[1](h), h)
+        expected = ZeroPadShortcut(in_channels=16, out_channels=32, stride=2)(h)
+        assert torch.equal(model.layer2[0](h), expected)
+
+
+def test_model_is_unchanged_after_the_context_even_on_error():
+    model = _tiny("resnet20")
+    x = torch.randn(4, 1, 12, 12)
+    with torch.no_grad():
+        before = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    all_names = [name for name, _ in residual_blocks(model)]
+    with _lesioned(model, delete=all_names, swap=[("layer1.0", "layer1.1")]):
+        pass
+    with pytest.raises(RuntimeError), _lesioned(model, delete=all_names[:3]):
+        raise RuntimeError("inside")
+    assert all("forward" not in block.__dict__ for _, block in residual_blocks(model))
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
+def test_swapped_pair_runs_in_exchanged_order():
+    model = _tiny("resnet20")
+    x = torch.randn(4, 1, 12, 12)
+    with torch.no_grad():
+        h = model.layer1[0](model.layer1[1](model.forward_stem(x)))  # block 1 first, then block 0
+        expected = model.forward_head(model.layer3(model.layer2(h)))
+        with _lesioned(model, swap=[("layer1.0", "layer1.1")]):
+            assert torch.equal(model(x), expected)
+    with pytest.raises(ValueError, match="cannot be swapped"), _lesioned(model, swap=[("layer2.0", "layer2.1")]):
+        pass
+
+
+def test_run_from_a_block_equals_the_model_forward():
+    model = _tiny("resnet20")
+    x = torch.randn(4, 1, 12, 12)
+    blocks = [b for _, b in residual_blocks(model)]
+    with torch.no_grad():
+        h = model.forward_stem(x)
+        assert torch.equal(_run_from(model, blocks, 0, h), model(x))
+        h = blocks[1](blocks[0](h))
+        assert torch.equal(_run_from(model, blocks, 2, h), model(x))
+
+
+def test_predictions_sharing_the_untouched_blocks_equal_the_full_lesioned_forward():
+    model = _tiny("resnet20")
+    x = torch.randn(40, 1, 12, 12)
+    lesions = [
+        {"delete": ["layer3.1"]},
+        {},
+        {"delete": ["layer2.0", "layer1.1"]},
+        {"swap": [("layer1.0", "layer1.1")]},
+        {"delete": ["layer1.0"]},
+    ]
+    predicted = _predictions(model, x, lesions, batch_size=16)  # three batches, the last one short
+    for row, spec in zip(predicted, lesions, strict=True):
+        with torch.no_grad(), _lesioned(model, **spec):
+            assert torch.equal(row, model(x).argmax(1)), spec
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(write_mnist_like(tmp_path_factory.mktemp("fmnist"), n_train=100, n_test=30))
+
+
+def test_measure_counts_every_lesion_and_its_baseline_is_the_models_accuracy(data_dir, tmp_path):
+    result = lesion.measure(
+        models=("resnet20", "plain20"), runs_dir=str(tmp_path / "none"), images=16, draws=2, data_dir=data_dir
+    )
+    resnet, plain = result["models"]
+    assert resnet["blocks"] == [f"layer{s}.{i}" for s in (1, 2, 3) for i in range(3)]
+    assert resnet["downsampling"] == plain["downsampling"] == ["layer2.0", "layer3.0"]
+    assert len(resnet["single"]) == 9 and resnet["random"]["k"] == [1, 2, 4, 6, 8]
+    assert [len(a) for a in resnet["random"]["accuracy"]] == [2] * 5
+    # The same seeded draws for both nets, and each draw deletes k distinct blocks.
+    assert resnet["random"]["deleted"] == plain["random"]["deleted"]
+    assert all(
+        len(set(s)) == k for k, sets in zip([1, 2, 4, 6, 8], resnet["random"]["deleted"], strict=True) for s in sets
+    )
+    assert resnet["swaps"]["pairs"] == [
+        ["layer1.0", "layer1.1"],
+        ["layer1.1", "layer1.2"],
+        ["layer2.1", "layer2.2"],
+        ["layer3.1", "layer3.2"],
+    ]
+    # The intact accuracy is the fresh model's own, on the same test images.
+    subject = load_subject(model="resnet20", data_dir=data_dir, seed=0)
+    x, y = real_images(subject.info, split="test", count=16, seed=0, data_dir=data_dir)
+    assert resnet["baseline"] == accuracy(subject.model, x, y)
+    with _lesioned(subject.model, delete=["layer2.0"]):
+        assert resnet["single"][3] == accuracy(subject.model, x, y)
+    assert lesion.summarize(result)[0].startswith("Lesion study")
+    assert [p.name for p in lesion.plot(result, tmp_path)] == ["lesion.png"]
+
+
+def test_bad_options_are_one_sentence_errors(data_dir):
+    with pytest.raises(ReslabError, match="--images"):
+        lesion.measure(images=0, data_dir=data_dir)
+    with pytest.raises(ReslabError, match="--draws"):
+        lesion.measure(draws=0, data_dir=data_dir)
