@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.reslab-installed
 
-.PHONY: demo test lint readme-table fashion-mnist
+.PHONY: demo test lint readme-table fashion-mnist chromium
 
 # Create the venv and install the project (editable, with test tools) when missing or when pyproject changes.
 $(STAMP): pyproject.toml
@@ -24,7 +24,7 @@ demo: $(STAMP) fashion-mnist
 	$(BIN)/reslab predict $(DEMO_RUN)/best.pt $$(cat $(DEMO_RUN)/samples.txt) && \
 	echo && echo "checkpoint:  $(DEMO_RUN)/best.pt (resume state: $(DEMO_RUN)/last.pt)" && \
 	echo "TensorBoard: tensorboard --logdir $(DEMO_RUN)/tensorboard" && \
-	echo "plots:       $(DEMO_RUN)/curves.png, $(DEMO_RUN)/confusion_test.png" && \
+	echo "report:      $(DEMO_RUN)/report.html (curves, test results, image grids, gradient norms)" && \
 	echo "metrics:     $(DEMO_RUN)/metrics.jsonl, $(DEMO_RUN)/results.json, $(DEMO_RUN)/eval_test.json" && \
 	echo "demo took $$((SECONDS - start)) s after set-up"
 
@@ -35,7 +35,15 @@ fashion-mnist:
 	  (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null; } || \
 	echo "could not install dataset-fashion-mnist; pass --data-dir or set RESLAB_DATA to Fashion-MNIST's files"
 
-test: $(STAMP)
+# Debian's chromium, for the test that opens the HTML pages (report.html, explain's index.html) in a headless
+# browser. Where apt-get cannot install it, that test is skipped and the build goes on.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || \
+	{ echo "installing Debian's chromium"; \
+	  (apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)) >/dev/null 2>&1; } || \
+	echo "could not install chromium; the headless-browser test will be skipped"
+
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

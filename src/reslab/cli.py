@@ -190,12 +190,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     fit(cfg, resume=args.resume)
     run = cfg.run_dir()
     if os.environ.get("RANK", "0") == "0" and (run / "best.pt").exists():  # under torchrun, rank 0 alone
-        from reslab.analysis.plots import plot_history
-        from reslab.train import load_checkpoint
+        from reslab.analysis.report import write_report
 
-        plot_history(
-            load_checkpoint(run / "best.pt")["history"], run / "curves.png", title=f"{cfg.model} on {cfg.dataset}"
-        )
+        print(f"report: {write_report(run, device=cfg.device)}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from reslab.analysis.report import write_report
+
+    print(f"report: {write_report(args.run_dir, device=args.device, data_dir=args.data_dir)}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -244,6 +247,91 @@ def cmd_samples(args: argparse.Namespace) -> None:
         print(path)
 
 
+# --- reslab explain ------------------------------------------------------------------------------------------
+# Each flag's destination is the keyword of the experiment's ``measure`` function (see reslab/explain/).
+_EXPLAIN_FLAGS: dict[str, dict] = {
+    "--seed": dict(type=int, default=0, help="seeds fresh models, image choice and random directions"),
+    "--device": dict(default="cpu", help="cpu, cuda, cuda:N, mps or auto (default: cpu)"),
+    "--dataset": dict(default="fashion-mnist", help="real images for fresh models (default: fashion-mnist)"),
+    "--data-dir": dict(default=None, help="folder looked in first for the dataset's files"),
+    "--checkpoint": dict(
+        default=None, metavar="CKPT", help="a trained model (e.g. runs/x/best.pt) instead of a fresh one"
+    ),
+    "--checkpoints": dict(
+        nargs="+", default=None, metavar="CKPT", help="trained models to compare (default: --models, see --runs-dir)"
+    ),
+    "--models": dict(nargs="+", default=None, help="registry names to compare"),
+    "--runs-dir": dict(
+        default="runs/degradation",
+        help="where <model>/best.pt is looked for before a fresh model is built (default: runs/degradation)",
+    ),
+    "--images": dict(type=int, default=None, help="how many real images to measure on"),
+    "--block": dict(choices=("basic", "bottleneck"), default="bottleneck"),
+    "--version": dict(choices=("v1", "v2"), default="v1", help="v1: ReLU after the sum; v2: pre-activation"),
+    "--shape": dict(
+        nargs=4, type=int, default=None, metavar=("N", "C", "H", "W"), help="input shape (default: 8 256 56 56)"
+    ),
+    "--block-name": dict(default=None, help="with --checkpoint: which block, e.g. layer2.0 (default: the first)"),
+    "--depths": dict(nargs="+", type=int, default=None, help="CIFAR depths 6n+2 to compare, e.g. 20 56 110"),
+    "--steps": dict(type=int, default=None, help="training steps before the second measurement"),
+    "--batch-size": dict(type=int, default=None),
+    "--epochs": dict(type=int, default=None, help="training epochs per model"),
+    "--recipe": dict(default=None, help="YAML training recipe shared by every model (default: the built-in one)"),
+    "--retrain": dict(action="store_true", help="train again even where a finished run of the same recipe exists"),
+    "--draws": dict(type=int, default=None, help="random draws per number of deleted blocks"),
+    "--points": dict(type=int, default=None, help="points along the 1-D line (default 41)"),
+    "--grid": dict(type=int, default=None, help="points per side of the 2-D grid (default 21)"),
+    "--span": dict(type=float, default=None, help="the plot covers -span..span times the direction"),
+}
+_EXPLAIN: dict[str, tuple[str, list[str]]] = {
+    "block": ("one residual block step by step: forward, BatchNorm train vs eval, backward through both paths",
+              ["--block", "--version", "--shape", "--checkpoint", "--block-name", "--dataset", "--data-dir"]),
+    "backprop": ("conv, BatchNorm, ReLU, residual sum and classifier backward by hand, checked against autograd",
+                 ["--checkpoint", "--dataset", "--data-dir"]),
+    "gradients": ("per-layer gradient norms of plain and residual nets of several depths",
+                  ["--depths", "--steps", "--batch-size", "--dataset", "--data-dir"]),
+    "degradation": ("train plain and residual nets of two depths alike (He et al. 2015, Fig. 1 and 6)",
+                    ["--depths", "--epochs", "--recipe", "--runs-dir", "--retrain", "--dataset", "--data-dir"]),
+    "responses": ("std of each 3x3 layer's response, plain vs residual (He et al. 2015, Fig. 7)",
+                  ["--models", "--checkpoints", "--runs-dir", "--images", "--dataset", "--data-dir"]),
+    "lesion": ("delete and swap blocks at test time (Veit et al. 2016)",
+               ["--models", "--checkpoints", "--runs-dir", "--images", "--draws", "--dataset", "--data-dir"]),
+    "landscape": ("the loss around the trained weights on filter-normalized directions (Li et al. 2018)",
+                  ["--models", "--checkpoints", "--runs-dir", "--images", "--points", "--grid", "--span",
+                   "--dataset", "--data-dir"]),
+}
+
+
+def _add_explain_parsers(sub) -> None:
+    p = sub.add_parser("explain", help="residual learning, measured: numbers, a figure and a page per experiment")
+    whats = p.add_subparsers(dest="what", required=True)
+    for what, (help_text, flags) in _EXPLAIN.items():
+        q = whats.add_parser(what, help=help_text, description=help_text)
+        for flag in [*flags, "--seed", "--device"]:
+            q.add_argument(flag, **_EXPLAIN_FLAGS[flag])
+        q.add_argument("--out-dir", default=None, help=f"default: explain/{what}")
+        q.set_defaults(func=cmd_explain, explain_flags=flags)
+
+
+def cmd_explain(args: argparse.Namespace) -> None:
+    import importlib
+
+    from reslab.explain.common import save
+
+    module = importlib.import_module(f"reslab.explain.{args.what}")
+    dests = [f.lstrip("-").replace("-", "_") for f in [*args.explain_flags, "--seed", "--device"]]
+    options = {d: getattr(args, d) for d in dests if getattr(args, d) is not None}
+    out_dir = Path(args.out_dir or Path("explain") / args.what)
+    result = module.measure(**options)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = module.plot(result, out_dir)
+    summary = module.summarize(result)
+    written = save(args.what, result, figures, summary, out_dir)
+    for line in summary:
+        print(line)
+    print(f"wrote {', '.join(str(f) for f in figures)}, {written['json']} and {written['html']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reslab", description="The ResNet family: build, inspect, train.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -273,6 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("report", help="(re)write a run folder's report.html: curves, test results, gradient norms")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by reslab train (it holds best.pt)")
+    p.add_argument("--data-dir", default=None, help="where the dataset's files are, if not where the run found them")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("eval", help="accuracy, per-class accuracy and confusion matrix of a checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("--dataset", default=None, help="default: the one it was trained on")
@@ -297,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="samples")
     p.set_defaults(func=cmd_samples)
+
+    _add_explain_parsers(sub)
     return parser
 
 

@@ -4,6 +4,7 @@
   ``lr``, ``images_per_second``; ``weights/<param>`` histograms; ``grad_norm/<param>`` (mean over the
   epoch's steps); ``inputs/train``, a grid of augmented training images.
 - ``<run>/metrics.jsonl``: one JSON object per epoch, for people who don't run TensorBoard.
+- ``<run>/grad_norms.jsonl``: per epoch, ``{"epoch": e, "norms": {parameter: mean gradient L2 norm}}``.
 - A rich progress bar with ETA, images/s and loss; ``quiet`` prints one line per epoch instead.
 Only rank 0 writes anything.
 """
@@ -22,15 +23,24 @@ from torch import Tensor, nn
 
 class RunLogger:
     def __init__(
-        self, run_dir: Path, *, enabled: bool, quiet: bool, hist_every: int, history: list[dict], start_epoch: int = 0
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool,
+        quiet: bool,
+        hist_every: int,
+        history: list[dict],
+        grad_norms: list[dict],
+        start_epoch: int = 0,
     ) -> None:
-        """``history`` and ``start_epoch`` come from the checkpoint a run resumes (empty and 0 for a new run):
-        the metrics file is rewritten from it and TensorBoard drops any event logged after it, so an epoch
-        cut short by Ctrl-C after logging but before its checkpoint is not counted twice."""
+        """``history``, ``grad_norms`` and ``start_epoch`` come from the checkpoint a run resumes (empty and 0 for
+        a new run): the two JSON-lines files are rewritten from them and TensorBoard drops any event logged after
+        it, so an epoch cut short by Ctrl-C after logging but before its checkpoint is not counted twice."""
         self.enabled, self.quiet, self.hist_every = enabled, quiet, hist_every
         self.console = Console(highlight=False, soft_wrap=True)
         self.writer = None
         self.metrics_path = run_dir / "metrics.jsonl"
+        self.grad_norms_path = run_dir / "grad_norms.jsonl"
         self.progress: Progress | None = None
         self._task = None
         if enabled:
@@ -39,6 +49,7 @@ class RunLogger:
             run_dir.mkdir(parents=True, exist_ok=True)
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_epoch or None)
             self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+            self.grad_norms_path.write_text("".join(json.dumps(r) + "\n" for r in grad_norms))
 
     # --- progress ----------------------------------------------------------------------------------------
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
@@ -95,10 +106,14 @@ class RunLogger:
             if record.get(key) is not None:
                 self.writer.add_scalar(tag, record[key], step)
 
-    def log_model(self, model: nn.Module, epoch: int, grad_norms: dict[str, float]) -> None:
+    def log_model(self, model: nn.Module, grad_norms: dict) -> None:
+        """``grad_norms``: one epoch's ``{"epoch": e, "norms": {parameter: mean gradient L2 norm}}``."""
         if not self.enabled:
             return
-        for name, value in grad_norms.items():
+        epoch = grad_norms["epoch"]
+        with self.grad_norms_path.open("a") as f:
+            f.write(json.dumps(grad_norms) + "\n")
+        for name, value in grad_norms["norms"].items():
             self.writer.add_scalar(f"grad_norm/{name}", value, epoch)
         if self.hist_every and epoch % self.hist_every == 0:
             for name, p in model.named_parameters():

@@ -5,7 +5,8 @@ schedules, TensorBoard, atomic self-describing checkpoints, exact resume, DDP. F
 
 - ``last.pt``: the full state after the last completed epoch (resume from it with ``--resume``).
 - ``best.pt``: the model with the best validation accuracy (what ``eval`` and ``predict`` use).
-- ``results.json``: the final numbers; ``metrics.jsonl``: per-epoch numbers; ``tensorboard/``: curves.
+- ``results.json``: the final numbers; ``metrics.jsonl``: per-epoch numbers; ``grad_norms.jsonl``: per-epoch
+  gradient norm of every parameter (also kept in the checkpoints, for the run report); ``tensorboard/``: curves.
 
 Determinism: the data order and augmentation of epoch ``e`` come from generators seeded by (seed, e, rank),
 and the global RNG state (stochastic depth) is checkpointed, so "train 4 epochs" and "train 2, resume, train
@@ -176,6 +177,7 @@ def _fit(cfg: TrainConfig, rt: runtime.Runtime, resume: str | Path | None) -> di
 
     best: dict[str, Any] = {"accuracy": -1.0, "epoch": -1, "state": None}
     history: list[dict] = []
+    grad_norms: list[dict] = []  # per epoch: {"epoch": e, "norms": {parameter: mean L2 norm of its gradient}}
     start_epoch = 0
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
@@ -184,6 +186,7 @@ def _fit(cfg: TrainConfig, rt: runtime.Runtime, resume: str | Path | None) -> di
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         best, history, start_epoch = ckpt["best"], ckpt["history"], ckpt["epoch"] + 1
+        grad_norms = ckpt.get("grad_norms", [])
         if ckpt.get("stopped_early") and cfg.patience:
             start_epoch = cfg.epochs  # early stopping already ended this run: only the final evaluation is left
         _restore_rng_states(ckpt["rng"], rt)
@@ -204,6 +207,7 @@ def _fit(cfg: TrainConfig, rt: runtime.Runtime, resume: str | Path | None) -> di
         quiet=cfg.quiet,
         hist_every=cfg.hist_every,
         history=history,
+        grad_norms=grad_norms,
         start_epoch=start_epoch,
     )
     n_params = sum(p.numel() for p in raw_model.parameters())
@@ -231,6 +235,7 @@ def _fit(cfg: TrainConfig, rt: runtime.Runtime, resume: str | Path | None) -> di
             "epoch": epoch,
             "model": weights if weights is not None else raw_model.state_dict(),
             "history": history,
+            "grad_norms": grad_norms,
         }
         if full:
             ckpt_out.update(
@@ -308,7 +313,8 @@ def _fit(cfg: TrainConfig, rt: runtime.Runtime, resume: str | Path | None) -> di
             }
             history.append(record)
             logger.log_epoch(record)
-            logger.log_model(raw_model, epoch, tracker.pop())
+            grad_norms.append({"epoch": epoch, "norms": tracker.pop()})
+            logger.log_model(raw_model, grad_norms[-1])
             val_text = f"val loss {val.loss:.4f} acc {val.accuracy:.2%}" if val else "no validation split"
             logger.print(
                 f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {train.loss:.4f} acc {train.accuracy:.2%}  "
