@@ -250,15 +250,15 @@ def cmd_samples(args: argparse.Namespace) -> None:
 # --- reslab explain ------------------------------------------------------------------------------------------
 # Each flag's destination is the keyword of the experiment's ``measure`` function (see reslab/explain/).
 _EXPLAIN_FLAGS: dict[str, dict] = {
-    "--seed": dict(type=int, default=0, help="seeds fresh models, image choice and random directions"),
+    "--seed": dict(type=int, default=None, help="seeds fresh models, image choice and random directions (default 0)"),
     "--device": dict(default="cpu", help="cpu, cuda, cuda:N, mps or auto (default: cpu)"),
-    "--dataset": dict(default="fashion-mnist", help="real images for fresh models (default: fashion-mnist)"),
+    "--dataset": dict(default=None, help="real images for fresh models (default: fashion-mnist)"),
     "--data-dir": dict(default=None, help="folder looked in first for the dataset's files"),
     "--checkpoint": dict(
         default=None, metavar="CKPT", help="a trained model (e.g. runs/x/best.pt) instead of a fresh one"
     ),
     "--checkpoints": dict(
-        nargs="+", default=None, metavar="CKPT", help="trained models to compare (default: --models, see --runs-dir)"
+        nargs="+", default=None, metavar="CKPT", help="trained models to compare, in place of --models"
     ),
     "--models": dict(nargs="+", default=None, help="registry names to compare"),
     "--runs-dir": dict(
@@ -269,7 +269,11 @@ _EXPLAIN_FLAGS: dict[str, dict] = {
     "--block": dict(choices=("basic", "bottleneck"), default="bottleneck"),
     "--version": dict(choices=("v1", "v2"), default="v1", help="v1: ReLU after the sum; v2: pre-activation"),
     "--shape": dict(
-        nargs=4, type=int, default=None, metavar=("N", "C", "H", "W"), help="input shape (default: 8 256 56 56)"
+        nargs=4,
+        type=int,
+        default=None,
+        metavar=("N", "C", "H", "W"),
+        help="input shape (default: 8 256 56 56 for a bottleneck, 8 64 56 56 for a basic block)",
     ),
     "--block-name": dict(default=None, help="with --checkpoint: which block, e.g. layer2.0 (default: the first)"),
     "--depths": dict(nargs="+", type=int, default=None, help="CIFAR depths 6n+2 to compare, e.g. 20 56 110"),
@@ -284,21 +288,44 @@ _EXPLAIN_FLAGS: dict[str, dict] = {
     "--span": dict(type=float, default=None, help="the plot covers -span..span times the direction"),
 }
 _EXPLAIN: dict[str, tuple[str, list[str]]] = {
-    "block": ("one residual block step by step: forward, BatchNorm train vs eval, backward through both paths",
-              ["--block", "--version", "--shape", "--checkpoint", "--block-name", "--dataset", "--data-dir"]),
-    "backprop": ("conv, BatchNorm, ReLU, residual sum and classifier backward by hand, checked against autograd",
-                 ["--checkpoint", "--dataset", "--data-dir"]),
-    "gradients": ("per-layer gradient norms of plain and residual nets of several depths",
-                  ["--depths", "--steps", "--batch-size", "--dataset", "--data-dir"]),
-    "degradation": ("train plain and residual nets of two depths alike (He et al. 2015, Fig. 1 and 6)",
-                    ["--depths", "--epochs", "--recipe", "--runs-dir", "--retrain", "--dataset", "--data-dir"]),
-    "responses": ("std of each 3x3 layer's response, plain vs residual (He et al. 2015, Fig. 7)",
-                  ["--models", "--checkpoints", "--runs-dir", "--images", "--dataset", "--data-dir"]),
-    "lesion": ("delete and swap blocks at test time (Veit et al. 2016)",
-               ["--models", "--checkpoints", "--runs-dir", "--images", "--draws", "--dataset", "--data-dir"]),
-    "landscape": ("the loss around the trained weights on filter-normalized directions (Li et al. 2018)",
-                  ["--models", "--checkpoints", "--runs-dir", "--images", "--points", "--grid", "--span",
-                   "--dataset", "--data-dir"]),
+    "block": (
+        "one residual block step by step: forward, BatchNorm train vs eval, backward through both paths",
+        ["--block", "--version", "--shape", "--checkpoint", "--block-name", "--data-dir"],
+    ),
+    "backprop": (
+        "conv, BatchNorm, ReLU, residual sum and classifier backward by hand, checked against autograd",
+        ["--checkpoint", "--data-dir"],
+    ),
+    "gradients": (
+        "per-layer gradient norms of plain and residual nets of several depths",
+        ["--depths", "--steps", "--batch-size", "--dataset", "--data-dir"],
+    ),
+    "degradation": (
+        "train plain and residual nets of two depths alike (He et al. 2015, Fig. 1 and 6)",
+        ["--depths", "--epochs", "--recipe", "--runs-dir", "--retrain", "--dataset", "--data-dir"],
+    ),
+    "responses": (
+        "std of each 3x3 layer's response, plain vs residual (He et al. 2015, Fig. 7)",
+        ["--models", "--checkpoints", "--runs-dir", "--images", "--dataset", "--data-dir"],
+    ),
+    "lesion": (
+        "delete and swap blocks at test time (Veit et al. 2016)",
+        ["--models", "--checkpoints", "--runs-dir", "--images", "--draws", "--dataset", "--data-dir"],
+    ),
+    "landscape": (
+        "the loss around the trained weights on filter-normalized directions (Li et al. 2018)",
+        [
+            "--models",
+            "--checkpoints",
+            "--runs-dir",
+            "--images",
+            "--points",
+            "--grid",
+            "--span",
+            "--dataset",
+            "--data-dir",
+        ],
+    ),
 }
 
 

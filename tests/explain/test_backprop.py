@@ -1,6 +1,5 @@
 """`reslab explain backprop`: every hand-written backward pass equals autograd's to 1e-5 in float64."""
 
-import dataclasses
 
 import pytest
 import torch
@@ -18,8 +17,8 @@ from reslab.explain.backprop import (
 from reslab.explain.common import dataset_info
 from reslab.models import create_model
 from reslab.models.blocks import BasicBlock
-from reslab.train.checkpoint import FORMAT
 from tests.data.fixtures import write_mnist_like
+from tests.explain.conftest import save_checkpoint
 
 TOL = 1e-5  # the issue's "Done when"
 
@@ -122,8 +121,7 @@ def test_measure_on_a_checkpoint_uses_its_weights_and_real_images(tmp_path):
     info = dataset_info("fashion-mnist", str(data))
     model = create_model("resnet20", num_classes=10, in_chans=1, layers=[1, 1, 1])
     path = tmp_path / "best.pt"
-    torch.save({"format": FORMAT, "model_name": "resnet20", "model_config": model.config,
-                "dataset": dataclasses.asdict(info), "model": model.state_dict()}, path)  # fmt: skip
+    save_checkpoint(path, model, info)
     result = backprop.measure(checkpoint=str(path), data_dir=str(data))
     ops = {op["op"]: op for op in result["ops"]}
     assert result["block_weights"] == "layer1.0" and str(path) in result["source"]

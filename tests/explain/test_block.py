@@ -1,6 +1,5 @@
 """`reslab explain block`: the gradient through each path of a block, and BatchNorm's two modes, checked."""
 
-import dataclasses
 import re
 
 import pytest
@@ -13,8 +12,8 @@ from reslab.explain.block import _by_hand, _path_gradients
 from reslab.explain.common import dataset_info, real_images
 from reslab.models import create_model
 from reslab.models.blocks import BLOCKS
-from reslab.train.checkpoint import FORMAT
 from tests.data.fixtures import write_mnist_like
+from tests.explain.conftest import save_checkpoint
 
 
 def small_block(kind: str, version: str, channels: int = 8) -> nn.Module:
@@ -85,6 +84,7 @@ def test_fresh_block_numbers(fresh_v1):
     assert back["max_diff_sum_vs_autograd"] <= 1e-6 * back["norms"]["dL/dx"]
     assert bn["max_diff_hand_biased"] < 1e-5 < bn["max_diff_hand_unbiased"]
     assert max(bn["max_diff_running_mean"], bn["max_diff_running_var"]) < 1e-5
+    assert bn["running_start"] == {"mean": 0.0, "var": 1.0}  # a fresh block's statistics, untouched by measuring
     gaps = [row["rel_gap"] for row in bn["warmup"]]
     assert [row["passes"] for row in bn["warmup"]] == list(explain_block.WARM_PASSES)
     assert gaps[-1] < 0.5 * gaps[0]  # warming the running stats closes the train/eval gap
@@ -114,15 +114,7 @@ def tiny_checkpoint(tmp_path_factory):
     info = dataset_info("fashion-mnist", str(data))
     torch.manual_seed(0)
     model = create_model("resnet20", num_classes=10, in_chans=1, layers=[1, 1, 1])
-    ckpt = {
-        "format": FORMAT,
-        "model_name": "resnet20",
-        "model_config": model.config,
-        "dataset": dataclasses.asdict(info),
-        "model": model.state_dict(),
-    }
-    path = root / "best.pt"
-    torch.save(ckpt, path)
+    path = save_checkpoint(root / "best.pt", model, info)
     return path, data, model, info
 
 
@@ -176,8 +168,6 @@ def test_bad_checkpoint_options(tiny_checkpoint, few_images):
 def test_a_plain_checkpoint_has_no_shortcut_to_study(tmp_path, tiny_checkpoint, few_images):
     _, data, _, info = tiny_checkpoint
     model = create_model("plain20", num_classes=10, in_chans=1, layers=[1, 1, 1])
-    ckpt = {"format": FORMAT, "model_name": "plain20", "model_config": model.config,
-            "dataset": dataclasses.asdict(info), "model": model.state_dict()}  # fmt: skip
-    torch.save(ckpt, tmp_path / "plain.pt")
+    save_checkpoint(tmp_path / "plain.pt", model, info)
     with pytest.raises(ReslabError, match="plain20 is a plain network"):
         explain_block.measure(checkpoint=str(tmp_path / "plain.pt"), data_dir=str(data))

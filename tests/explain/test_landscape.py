@@ -16,16 +16,6 @@ from reslab.models import create_model
 from tests.data.fixtures import write_mnist_like
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors gain nothing from a second thread, and on a busy 2-core machine OpenMP's spin-waiting
-    # made these tests about 10x slower with two.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _tiny(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return create_model(name, num_classes=10, in_chans=1, layers=[1, 1, 1]).eval()

@@ -64,8 +64,8 @@ def measure(
             raise ReslabError("--shape is for a fresh block; with --checkpoint real images decide the input")
         blk, x, about = _trained_block(checkpoint, block_name, data_dir, seed, dev)
         draw = None
-    with torch.no_grad():
-        out_shape = blk(x).shape
+    with torch.no_grad():  # in eval mode: a train-mode pass would move the running statistics before they are read
+        out_shape = copy.deepcopy(blk).eval()(x).shape
     r = torch.randn(out_shape, generator=torch.Generator().manual_seed(seed + 1)).to(dev)
     backward = _backward(copy.deepcopy(blk), x, r)
     return {
@@ -130,9 +130,11 @@ def _trained_block(checkpoint: str, block_name: str | None, data_dir, seed: int,
     captured: list[Tensor] = []
     hook = blk.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach().clone()))
     images, _ = real_images(subject.info, count=CHECKPOINT_IMAGES, seed=seed, data_dir=data_dir, device=dev)
-    with torch.no_grad():
-        subject.model.eval()(images)
-    hook.remove()
+    try:
+        with torch.no_grad():
+            subject.model.eval()(images)
+    finally:
+        hook.remove()
     config = subject.model.config
     about = dict(
         block=config["block"],
@@ -143,7 +145,11 @@ def _trained_block(checkpoint: str, block_name: str | None, data_dir, seed: int,
         input=f"its input on {len(images)} real {subject.info.name} test images (eval mode)",
         shortcut="identity" if blk.downsample is None else repr(blk.downsample).replace("\n", ""),
     )
-    return copy.deepcopy(blk), captured[0], about
+    blk = copy.deepcopy(blk)
+    # Stochastic depth would draw a new mask in each of the train-mode passes compared below; the block as it
+    # infers (and as it trains, on average) has none.
+    blk.drop_path = nn.Identity()
+    return blk, captured[0], about
 
 
 def _stats(t: Tensor) -> dict[str, Any]:

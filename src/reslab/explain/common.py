@@ -18,8 +18,9 @@ from torch import Tensor, nn
 
 from reslab.data import DatasetInfo, load_dataset
 from reslab.data.augment import normalize
+from reslab.data.datasets import IN_MEMORY_LOADERS
 from reslab.errors import ReslabError
-from reslab.models import ResNet, create_model
+from reslab.models import ResNet, create_model, get_spec
 from reslab.train.checkpoint import load_checkpoint, model_from_checkpoint
 from reslab.train.runtime import pick_device
 
@@ -34,10 +35,11 @@ class Subject:
     model: ResNet
     info: DatasetInfo  # classes and the normalization the model expects
     source: str  # the checkpoint's path, or "fresh (seed 0)"
-
-    @property
-    def trained(self) -> bool:
-        return not self.source.startswith("fresh")
+    trained: bool
+    # How training split its data (the checkpoint's val_ratio and seed): its "training images" exclude the
+    # validation images it never trained on. A fresh model trained on nothing: all training images count.
+    val_ratio: float = 0.0
+    split_seed: int = 0
 
 
 def device_of(name: str) -> torch.device:
@@ -45,8 +47,14 @@ def device_of(name: str) -> torch.device:
     return pick_device(name)
 
 
+def _check_in_memory(dataset: str) -> None:
+    if dataset not in IN_MEMORY_LOADERS:
+        raise ReslabError(f"explain works on in-memory datasets ({', '.join(IN_MEMORY_LOADERS)}), not {dataset!r}")
+
+
 def dataset_info(dataset: str, data_dir: str | None) -> DatasetInfo:
     """The classes and training-split normalization of ``dataset`` (as ``reslab train`` computes them)."""
+    _check_in_memory(dataset)
     return load_dataset(dataset, data_dir=data_dir, download=False).info
 
 
@@ -69,13 +77,17 @@ def load_subject(
         ckpt = load_checkpoint(checkpoint)
         info = DatasetInfo(**{**ckpt["dataset"], "image_size": tuple(ckpt["dataset"]["image_size"])})
         net = model_from_checkpoint(ckpt)
-        return Subject(ckpt["model_name"], net.to(dev).eval(), info, str(checkpoint))
+        cfg = ckpt["config"]
+        return Subject(
+            ckpt["model_name"], net.to(dev).eval(), info, str(checkpoint), True, cfg["val_ratio"], cfg["seed"]
+        )
     if model is None:
         raise ReslabError("name a model or pass --checkpoint")
+    get_spec(model)  # an unknown name fails before any data is read
     info = dataset_info(dataset, data_dir)
     torch.manual_seed(seed)
     net = create_model(model, num_classes=info.num_classes, in_chans=info.channels, **model_args)
-    return Subject(model, net.to(dev).eval(), info, f"fresh (seed {seed})")
+    return Subject(model, net.to(dev).eval(), info, f"fresh (seed {seed})", False)
 
 
 def load_subjects(
@@ -110,13 +122,20 @@ def real_images(
     seed: int = 0,
     data_dir: str | None = None,
     device: str | torch.device = "cpu",
+    val_ratio: float = 0.0,
+    split_seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """``count`` images of ``info.name``'s ``split`` ("train" or "test"), chosen by ``seed``, normalized with
-    ``info``'s mean and std (the model's own): (count, C, H, W) float32 and labels (count,) int64."""
-    bundle = load_dataset(info.name, data_dir=data_dir, val_ratio=0.0, download=False)
+    ``info``'s mean and std (the model's own): (count, C, H, W) float32 and labels (count,) int64.
+
+    "train" means the images training saw: pass the model's ``val_ratio`` and ``split_seed`` (a Subject's) to
+    leave out its validation images.
+    """
+    _check_in_memory(info.name)
+    bundle = load_dataset(info.name, data_dir=data_dir, val_ratio=val_ratio, seed=split_seed, download=False)
     data = bundle.train if split == "train" else bundle.test
-    if data is None or not hasattr(data, "images"):
-        raise ReslabError(f"{info.name} has no in-memory {split} split; explain works on Fashion-MNIST, MNIST, CIFAR")
+    if data is None:
+        raise ReslabError(f"{info.name} has no {split} split here")
     count = min(count, len(data))
     index = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count]
     mean, std = torch.tensor(info.mean), torch.tensor(info.std)
@@ -137,6 +156,14 @@ def residual_blocks(model: ResNet) -> list[tuple[str, nn.Module]]:
     """Every block of every stage with its name (``layer1.0``, ...), in forward order."""
     stages = zip(model.stage_names, model.stages(), strict=True)
     return [(f"{name}.{i}", block) for name, stage in stages for i, block in enumerate(stage)]
+
+
+def line_style(result: dict[str, Any], name: str) -> dict[str, Any]:
+    """Matplotlib style of model ``name`` in ``result["models"]``: one color per depth, plain dashed, residual
+    solid (the papers' convention)."""
+    depths = sorted({m["depth"] for m in result["models"].values()})
+    model = result["models"][name]
+    return dict(color=f"C{depths.index(model['depth'])}", linestyle="-" if model["residual"] else "--", label=name)
 
 
 def _jsonable(value: Any) -> Any:
@@ -172,4 +199,21 @@ def save(
         page.image(fig, caption=fig.name)
     page.link(json_path.name, "all numbers (JSON)")
     html_path = page.write(out / "index.html")
+    if out.name == what:  # the default layout, explain/<what>/: keep explain/index.html over all of them
+        _write_overview(out.parent)
     return {"json": json_path, "html": html_path}
+
+
+def _write_overview(root: Path) -> Path:
+    """``root/index.html``: each experiment found under ``root`` with its summary and a link to its page."""
+    from reslab.analysis.html import Page
+    from reslab.explain import EXPERIMENTS
+
+    page = Page("reslab explain: residual learning, measured")
+    for what in EXPERIMENTS:
+        numbers = root / what / f"{what}.json"
+        if (root / what / "index.html").is_file() and numbers.is_file():
+            page.heading(what)
+            page.text(json.loads(numbers.read_text()).get("summary", []))
+            page.link(f"{what}/index.html", f"the {what} page, with its figures")
+    return page.write(root / "index.html")

@@ -49,11 +49,11 @@ def _names(depths: tuple[int, ...]) -> list[str]:
     return names
 
 
-def _config(name: str, recipe: dict[str, Any], *, runs_dir: Path, dataset: str, data_dir, seed: int, device: str):
+def _config(name: str, recipe: dict[str, Any], *, runs_dir: Path, device: str):
     from reslab.train import TrainConfig, from_dict
 
-    values = {**recipe, "model": name, "dataset": dataset, "data_dir": data_dir, "seed": seed, "device": device}
-    values.update(out_dir=str(runs_dir / name), overwrite=True, download=False)
+    values = {**recipe, "model": name, "device": device, "out_dir": str(runs_dir / name), "overwrite": True}
+    values["download"] = False
     return from_dict(values, TrainConfig(), source="degradation recipe")
 
 
@@ -87,40 +87,49 @@ def measure(
     recipe: str | None = None,
     runs_dir: str = DEFAULT_RUNS_DIR,
     retrain: bool = False,
-    dataset: str = "fashion-mnist",
+    dataset: str | None = None,
     data_dir: str | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Train (or reuse) plain and residual nets of each depth; their per-epoch errors and final test errors.
 
+    ``dataset``, ``data_dir``, ``seed`` and ``epochs`` override the recipe's (default: Fashion-MNIST, seed 0).
     Returns ``{"recipe", "runs": {name: {"history", "results", "reused"}}, "table", "verdict"}``.
     """
+    from reslab.analysis.report import write_report
     from reslab.train import fit, load_recipe
 
-    values = dict(RECIPE)
+    values = {**RECIPE, "dataset": "fashion-mnist", "seed": 0}
     if recipe is not None:
         values.update(load_recipe(recipe))
-    if epochs is not None:
-        values["epochs"] = epochs
-    if len(depths) < 2:
-        raise ReslabError("--depths needs at least two depths to compare, e.g. 20 56")
+    given = {"epochs": epochs, "dataset": dataset, "data_dir": data_dir, "seed": seed}
+    values.update({k: v for k, v in given.items() if v is not None})
+    if len(set(depths)) < 2:
+        raise ReslabError("--depths needs at least two different depths to compare, e.g. 20 56")
+    if not values.get("val_ratio"):
+        raise ReslabError("the degradation recipe needs a validation split (val_ratio > 0) for its error curves")
     runs: dict[str, dict[str, Any]] = {}
     for name in _names(tuple(sorted(depths))):
-        cfg = _config(
-            name, values, runs_dir=Path(runs_dir), dataset=dataset, data_dir=data_dir, seed=seed, device=device
-        )
+        cfg = _config(name, values, runs_dir=Path(runs_dir), device=device)
         done = None if retrain else _finished(cfg)
         if done is None:
             print(f"training {name} ({values['epochs']} epochs) into {cfg.out_dir}")
             fit(cfg)
+            write_report(cfg.out_dir, device=device)  # as `reslab train` does: the run's report.html
             done = {**_read_run(Path(cfg.out_dir)), "reused": False}
         else:
             print(f"reusing the finished run in {cfg.out_dir} (--retrain trains it again)")
             done = {**done, "reused": True}
         runs[name] = done
     table = [_row(name, run) for name, run in runs.items()]
-    return {"recipe": values, "dataset": dataset, "runs": runs, "table": table, "verdict": _verdict(runs, depths)}
+    return {
+        "recipe": values,
+        "dataset": values["dataset"],
+        "runs": runs,
+        "table": table,
+        "verdict": _verdict(runs, depths),
+    }
 
 
 def _row(name: str, run: dict[str, Any]) -> dict[str, Any]:

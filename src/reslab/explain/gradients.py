@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reslab.errors import ReslabError
-from reslab.explain.common import dataset_info, device_of, real_images, residual_blocks
+from reslab.explain.common import dataset_info, device_of, line_style, real_images, residual_blocks
 from reslab.models import ResNet, create_model
 
 # He et al. 2015, Sec. 4.2 (CIFAR): SGD with lr 0.1 for batches of 128, momentum 0.9, weight decay 1e-4. The
@@ -232,14 +232,6 @@ def _relative_depth(count: int) -> list[float]:
     return [i / max(count - 1, 1) for i in range(count)]
 
 
-def _style(result: dict[str, Any], name: str) -> dict[str, Any]:
-    """One color per depth; plain dashed, residual solid."""
-    depths = sorted({m["depth"] for m in result["models"].values()})
-    model = result["models"][name]
-    color = f"C{depths.index(model['depth'])}"
-    return dict(color=color, linestyle="-" if model["residual"] else "--", label=name)
-
-
 def _panel(ax, title: str, ylabel: str) -> None:
     ax.set_yscale("log")
     ax.set_title(title, fontsize=10)
@@ -264,7 +256,7 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
     models = result["models"]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     for name, m in models.items():
-        style = _style(result, name)
+        style = line_style(result, name)
         blocks_x = _relative_depth(len(m["blocks"]))
         axes[0, 0].plot(blocks_x, m["init"]["block_input_grad"], **style)
         if m["trained"] is not None:

@@ -184,7 +184,16 @@ def measure(
     nets = []
     for subject in subjects:
         dev = next(subject.model.parameters()).device
-        x, y = real_images(subject.info, split="train", count=images, seed=seed, data_dir=data_dir, device=dev)
+        x, y = real_images(
+            subject.info,
+            split="train",
+            count=images,
+            seed=seed,
+            data_dir=data_dir,
+            device=dev,
+            val_ratio=subject.val_ratio,
+            split_seed=subject.split_seed,
+        )
         d1, d2 = _directions(subject.model, seed)
         nets.append(_measure_subject(subject, d1, d2, x=x, y=y, points=points, grid=grid, span=span))
         nets[-1]["images"] = len(y)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from reslab.errors import ReslabError
-from reslab.explain.common import DEFAULT_RUNS_DIR, device_of, load_subjects, real_images, residual_blocks
+from reslab.explain.common import DEFAULT_RUNS_DIR, device_of, line_style, load_subjects, real_images, residual_blocks
 
 DEFAULT_MODELS = ("plain20", "plain56", "resnet20", "resnet56")  # Fig. 7 shows these (and ResNet-110)
 BATCH = 250  # images per forward pass; the statistics are exact whatever the batch (see _Moments)
@@ -114,7 +114,7 @@ class _Moments:
         per_channel = (0, *range(2, response.ndim))
         var, mean = torch.var_mean(response.detach(), dim=per_channel, correction=0)
         n = response.numel() // response.shape[1]
-        mean, m2 = mean.double(), var.double() * n
+        mean, m2 = mean.cpu().double(), var.cpu().double() * n  # MPS has no float64
         delta = mean - self.mean
         total = self.count + n
         self.m2 = self.m2 + m2 + delta**2 * self.count * n / total
@@ -154,13 +154,6 @@ def _responses(model: nn.Module, x: Tensor) -> tuple[list[str], list[float], lis
     return [name for name, _ in layers], [m.std() for m in moments], [m.std_per_channel() for m in moments]
 
 
-def _style(result: dict[str, Any], label: str) -> dict[str, Any]:
-    """One color per depth; plain dashed, residual solid (Fig. 7 uses one line per model)."""
-    depths = sorted({m["depth"] for m in result["models"].values()})
-    model = result["models"][label]
-    return dict(color=f"C{depths.index(model['depth'])}", linestyle="-" if model["residual"] else "--", label=label)
-
-
 def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
     """``responses.png``: std by layer index (top) and sorted by magnitude (bottom), as in Fig. 7."""
     import matplotlib
@@ -170,7 +163,7 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
 
     fig, (by_layer, by_size) = plt.subplots(2, 1, figsize=(8, 7))
     for label, m in result["models"].items():
-        style = _style(result, label)
+        style = line_style(result, label)
         index = range(1, len(m["std"]) + 1)
         by_layer.plot(index, m["std"], marker=".", markersize=3, **style)
         by_size.plot(index, m["std_sorted"], marker=".", markersize=3, **style)
