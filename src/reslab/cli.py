@@ -298,7 +298,7 @@ _EXPLAIN: dict[str, tuple[str, list[str]]] = {
     ),
     "gradients": (
         "per-layer gradient norms of plain and residual nets of several depths",
-        ["--depths", "--steps", "--batch-size", "--dataset", "--data-dir"],
+        ["--depths", "--steps", "--batch-size", "--checkpoints", "--dataset", "--data-dir"],
     ),
     "degradation": (
         "train plain and residual nets of two depths alike (He et al. 2015, Fig. 1 and 6)",

@@ -100,3 +100,18 @@ def test_plain_twin_starts_from_the_resnet_weights():
 def test_bad_options_are_one_sentence(options, data_dir):
     with pytest.raises(ReslabError):
         gradients.measure(data_dir=data_dir, **options)
+
+
+def test_trained_twins_are_measured_at_their_own_weights(data_dir, tmp_path):
+    from tests.explain.conftest import save_checkpoint
+
+    info = dataset_info("fashion-mnist", data_dir)
+    paths = []
+    for name in ("plain20", "resnet20"):
+        model = create_model(name, num_classes=10, in_chans=1)
+        paths.append(str(save_checkpoint(tmp_path / f"{name}.pt", model, info)))
+    result = gradients.measure(checkpoints=paths, steps=1, batch_size=4, data_dir=data_dir)
+    assert result["start"] == "the checkpoints' weights" and set(result["models"]) == {"plain20", "resnet20"}
+    assert "depth 20 at the checkpoints' weights" in "\n".join(gradients.summarize(result))
+    with pytest.raises(ReslabError, match="plain/ResNet twins"):
+        gradients.measure(checkpoints=paths[:1], steps=0, batch_size=4, data_dir=data_dir)

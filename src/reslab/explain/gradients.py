@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reslab.errors import ReslabError
-from reslab.explain.common import dataset_info, device_of, line_style, real_images, residual_blocks
+from reslab.explain.common import dataset_info, device_of, line_style, load_subjects, real_images, residual_blocks
 from reslab.models import ResNet, create_model
 
 # He et al. 2015, Sec. 4.2 (CIFAR): SGD with lr 0.1 for batches of 128, momentum 0.9, weight decay 1e-4. The
@@ -52,6 +52,7 @@ def measure(
     depths: tuple[int, ...] | list[int] = (20, 56, 110),
     steps: int = 10,
     batch_size: int = 32,
+    checkpoints: list[str] | None = None,
     dataset: str = "fashion-mnist",
     data_dir: str | None = None,
     seed: int = 0,
@@ -61,13 +62,16 @@ def measure(
 
     Each model is measured on the same batch of ``batch_size`` training images at initialization and again
     after ``steps`` SGD steps on the following training batches (``steps=0``: at initialization only).
+    ``checkpoints`` (plain and residual twins, e.g. the degradation runs' best.pt) replace ``depths``: then
+    the first measurement is at the trained weights.
 
     Returns ``{"models": {name: {"depth", "residual", "blocks", "layers", "init", "trained", "train_loss"}}, ...}``
     where ``init`` / ``trained`` hold the norms (see ``_gradients``) and ``train_loss`` the loss of each step.
     """
     _check(depths, steps, batch_size)
     dev = device_of(device)
-    info = dataset_info(dataset, data_dir)
+    subjects = _trained_twins(checkpoints, dev) if checkpoints else None
+    info = subjects[0].info if subjects else dataset_info(dataset, data_dir)
     images, labels = real_images(
         info, split="train", count=batch_size * (steps + 1), seed=seed, data_dir=data_dir, device=dev
     )
@@ -76,7 +80,9 @@ def measure(
     batches = [_batch(images, labels, i, batch_size) for i in range(steps + 1)]
     lr = LR_PER_128 * batch_size / 128
     models = {}
-    for depth in depths:
+    for subject in subjects or []:
+        models[subject.label] = _study(subject.model, batches, subject.model.depth, lr=lr)
+    for depth in depths if not subjects else ():
         for kind in ("plain", "resnet"):
             torch.manual_seed(seed)  # the same seed: a plain twin starts from its ResNet's weights
             n = (depth - 2) // 6  # the CIFAR net of any depth 6n+2, registered or not
@@ -85,6 +91,7 @@ def measure(
             ).to(dev)
             models[f"{kind}{depth}"] = _study(model, batches, depth, lr=lr)
     return {
+        "start": "the checkpoints' weights" if subjects else "initialization",
         "dataset": info.name,
         "batch_size": batch_size,
         "steps": steps,
@@ -93,6 +100,17 @@ def measure(
         "norm": "L2 norm of the whole gradient tensor of the batch's mean cross-entropy",
         "models": models,
     }
+
+
+def _trained_twins(checkpoints: list[str], dev: torch.device) -> list:
+    """Checkpoints of plain and residual CIFAR twins, each depth both ways (the comparison needs pairs)."""
+    subjects = load_subjects([], checkpoints=checkpoints, device=dev)
+    names = {s.label for s in subjects}
+    for s in subjects:
+        twin = s.label.replace("plain", "resnet") if s.label.startswith("plain") else s.label.replace("resnet", "plain")
+        if s.model.config["stem"] != "cifar" or twin not in names:
+            raise ReslabError(f"--checkpoints needs CIFAR plain/ResNet twins of the same depth; {s.label} has none")
+    return subjects
 
 
 def _check(depths, steps: int, batch_size: int) -> None:
@@ -268,11 +286,11 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
                     ratio = [
                         b / max(s, 1e-30) for b, s in zip(m[state]["branch_grad"], m[state]["skip_grad"], strict=True)
                     ]
-                    label = f"{name} {'after training' if dotted else 'at init'}"
+                    label = f"{name} {'after training' if dotted else 'at start'}"
                     axes[1, 1].plot(blocks_x, ratio, **{**style, "linestyle": ":" if dotted else "-", "label": label})
-    _panel(axes[0, 0], "|dL/dx| at each block's input, at initialization", "gradient norm")
+    _panel(axes[0, 0], f"|dL/dx| at each block's input, at {result['start']}", "gradient norm")
     _panel(axes[0, 1], f"|dL/dx| at each block's input, after {result['steps']} SGD steps", "gradient norm")
-    _panel(axes[1, 0], "|dL/dW| of each conv and fc, at initialization", "weight-gradient norm")
+    _panel(axes[1, 0], f"|dL/dW| of each conv and fc, at {result['start']}", "weight-gradient norm")
     axes[1, 1].axhline(1.0, color="gray", linewidth=0.8)
     axes[1, 1].yaxis.set_major_formatter(ScalarFormatter())
     axes[1, 1].yaxis.set_minor_formatter(NullFormatter())
@@ -299,9 +317,10 @@ def summarize(result: dict[str, Any]) -> list[str]:
     depths = sorted({m["depth"] for m in models.values()})
     lines = [
         f"Gradient L2 norms on one batch of {result['batch_size']} {result['dataset']} training images "
-        "(mean cross-entropy, BatchNorm in train mode); each plain twin starts from its ResNet's seeded weights."
+        "(mean cross-entropy, BatchNorm in train mode)"
+        + ("; each plain twin starts from its ResNet's seeded weights." if result["start"] == "initialization" else ".")
     ]
-    states = [("init", "at initialization")]
+    states = [("init", f"at {result['start']}")]
     if result["steps"]:
         states.append(("trained", f"after {result['steps']} SGD steps (lr {result['optimizer']['lr']:.3g})"))
     for state, when in states:
@@ -317,7 +336,7 @@ def summarize(result: dict[str, Any]) -> list[str]:
         init = models[f"resnet{d}"]["init"]
         share = sorted(s / max(t, 1e-30) for s, t in zip(init["skip_grad"], init["block_input_grad"], strict=True))
         ratios.append(f"ResNet-{d} {share[len(share) // 2]:.2f}")
-    lines.append("median |through the shortcut| / |dL/dx| per block at initialization: " + ", ".join(ratios))
+    lines.append(f"median |through the shortcut| / |dL/dx| per block at {result['start']}: " + ", ".join(ratios))
     worst = max(m[s]["split_error"] for m in models.values() for s in ("init", "trained") if m[s] is not None)
     lines.append(
         f"shortcut + residual branch equals autograd's dL/dx at every block input (largest relative gap {worst:.1g})"

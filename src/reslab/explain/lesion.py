@@ -349,5 +349,8 @@ def summarize(result: dict) -> list[str]:
             f"k random blocks deleted (mean): {shown}; adjacent pair swapped: median "
             f"{statistics.median(swaps) if swaps else float('nan'):.1%}, worst {min(swaps, default=float('nan')):.1%}"
         )
-    lines.append(f"Chance is {nets[0]['chance']:.0%}.")
+    # Binomial standard error of an accuracy near the intact one: differences below about twice it are noise.
+    acc = max(n["baseline"] for n in nets)
+    stderr = (acc * (1 - acc) / max(result["images"], 1)) ** 0.5
+    lines.append(f"Chance is {nets[0]['chance']:.0%}; one accuracy's standard error here is about {stderr:.1%}.")
     return lines
