@@ -62,7 +62,9 @@ def test_a_changed_recipe_trains_again(result):
     assert not changed["runs"]["resnet20"]["reused"] and len(changed["runs"]["resnet20"]["history"]) == 2
 
 
-@pytest.mark.parametrize(("depths", "message"), [([20, 21], "unknown model 'plain21'"), ([20], "at least two depths")])
+@pytest.mark.parametrize(
+    ("depths", "message"), [([20, 21], "unknown model 'plain21'"), ([20], "at least two different depths")]
+)
 def test_bad_depths_are_one_clear_error(depths, message):
     with pytest.raises(ReslabError, match=message):
         degradation.measure(depths=depths, runs_dir="unused")

@@ -171,6 +171,7 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -189,6 +190,7 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
                 label=f"{prefix}-{name.removeprefix(prefix)}",
             )
         ax.set(title=title, xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(title="dashed: train, bold: validation", fontsize=8, title_fontsize=8)
     axes[0].set_ylabel("error (%)")
