@@ -141,6 +141,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                 "hist_every": int,
                 "image_size": int,
                 "in_chans": int,
+                "save_every_steps": int,
+                "log_every_steps": int,
+                "max_image_pixels": int,
             }.get(f.name, type(default) if default is not None else str)
             p.add_argument(
                 flag,

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-from reslab.data.datasets import DataBundle, DatasetInfo, stratified_split
+from reslab.data.types import DataBundle, DatasetInfo, stratified_split
 from reslab.errors import ReslabError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")

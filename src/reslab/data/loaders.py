@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from reslab.data.augment import normalize, random_crop, random_hflip
-from reslab.data.datasets import DatasetInfo, TensorSplit
+from reslab.data.types import DatasetInfo, TensorSplit
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ class TrainConfig:
     val_ratio: float = 0.2  # held out of the training set, stratified, for early stopping (as the seeds)
     image_size: int | None = None  # imagefolder only: resize to this square size (default 224)
     in_chans: int | None = None  # imagefolder only: 1 for grayscale, 3 (default) for RGB
+    on_bad_image: str = "skip"  # imagefolder: skip (listed in bad_images.txt) or fail on unreadable files
+    max_image_pixels: int = 89_478_485  # imagefolder: larger images are refused as decompression bombs (PIL's limit)
 
     # --- optimization ------------------------------------------------------------------------------------
     epochs: int = 30  # passes over the training split (fewer when early stopping ends the run)
@@ -50,6 +52,7 @@ class TrainConfig:
 
     # --- early stopping ----------------------------------------------------------------------------------
     patience: int = 0  # stop after this many epochs without a better validation accuracy; 0 = never
+    max_loss: float = 0.0  # a step whose loss exceeds this stops the run as diverged; 0 = 100 x ln(classes)
 
     # --- runtime -----------------------------------------------------------------------------------------
     seed: int = 0  # the same seed gives the same metrics on the CPU
@@ -64,6 +67,8 @@ class TrainConfig:
     out_dir: str | None = None  # default runs/<model>-<dataset>
     overwrite: bool = False  # a folder that holds a run is never overwritten unless this says so
     hist_every: int = 1  # weight histograms every this many epochs (0 = never)
+    save_every_steps: int = 0  # also checkpoint inside an epoch every N steps; 0 = auto, about once a minute
+    log_every_steps: int = 10  # TensorBoard: training loss and learning rate every N steps
     quiet: bool = False  # no progress bar: one line per epoch, for logs and CI
 
     def run_dir(self) -> Path:
@@ -98,11 +103,15 @@ RESUMABLE_OVERRIDES = (
     "tta_flip",
     "download",
     "data_dir",
+    "save_every_steps",
+    "log_every_steps",
+    "max_loss",
 )
 CHOICES = {
     "optimizer": ("sgd", "adam", "adamw"),
     "schedule": ("step", "cosine", "onecycle", "constant"),
     "amp": ("auto", "bf16", "fp16", "off"),
+    "on_bad_image": ("skip", "fail"),
 }
 
 
@@ -168,13 +177,26 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ReslabError("patience (early stopping) needs a validation split: set val_ratio above 0")
     negative = [
         n
-        for n in ("patience", "warmup_epochs", "crop_padding", "weight_decay", "num_workers", "hist_every")
+        for n in (
+            "patience",
+            "warmup_epochs",
+            "crop_padding",
+            "weight_decay",
+            "num_workers",
+            "hist_every",
+            "save_every_steps",
+            "max_loss",
+        )
         if getattr(cfg, n) < 0
     ]
     if negative:
         raise ReslabError(f"{', '.join(negative)} cannot be negative")
     if cfg.in_chans not in (None, 1, 3):
         raise ReslabError(f"in_chans must be 1 (grayscale) or 3 (RGB), not {cfg.in_chans}")
+    if cfg.log_every_steps < 1:
+        raise ReslabError(f"log_every_steps must be at least 1, not {cfg.log_every_steps}")
+    if cfg.max_image_pixels < 1:
+        raise ReslabError(f"max_image_pixels must be at least 1, not {cfg.max_image_pixels}")
     if cfg.image_size is not None and cfg.image_size < 8:
         raise ReslabError(f"image_size must be at least 8 pixels, not {cfg.image_size}")
     return cfg

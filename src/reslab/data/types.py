@@ -1,0 +1,76 @@
+"""What every data module shares: the split types, a dataset's description, and the stratified split.
+
+Kept apart from ``datasets`` (finding and reading files) and ``folder`` (image folders) so that neither
+imports the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from reslab.errors import ReslabError
+
+
+@dataclass
+class TensorSplit:
+    """A split held in memory: images (N, C, H, W) uint8 and labels (N,) int64."""
+
+    images: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: Tensor) -> TensorSplit:
+        return TensorSplit(self.images[index], self.labels[index])
+
+
+@dataclass
+class DatasetInfo:
+    """What a model and a prediction need to know about the data; saved in every checkpoint."""
+
+    name: str
+    classes: list[str]
+    channels: int
+    image_size: tuple[int, int]  # (H, W) the model is trained on
+    mean: tuple[float, ...] = field(default=())  # per channel, of the training split, on the 0..1 scale
+    std: tuple[float, ...] = field(default=())
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass
+class DataBundle:
+    """Train / validation / test splits of one dataset (test may be None) and its info."""
+
+    info: DatasetInfo
+    train: TensorSplit | torch.utils.data.Dataset
+    val: TensorSplit | torch.utils.data.Dataset | None
+    test: TensorSplit | torch.utils.data.Dataset | None
+
+    @property
+    def in_memory(self) -> bool:
+        return isinstance(self.train, TensorSplit)
+
+
+def stratified_split(labels: Tensor, val_ratio: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Indices (train, val): ``val_ratio`` of each class goes to validation, chosen by ``seed``.
+
+    Each class contributes ``round(n_c * val_ratio)`` samples, so class proportions are kept in both parts.
+    """
+    if not 0.0 <= val_ratio < 1.0:
+        raise ReslabError(f"--val-ratio must be in [0, 1), not {val_ratio}")
+    g = torch.Generator().manual_seed(seed)
+    train_parts, val_parts = [], []
+    for c in torch.unique(labels):
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_val = round(len(idx) * val_ratio)
+        val_parts.append(idx[:n_val])
+        train_parts.append(idx[n_val:])
+    return torch.cat(train_parts).sort().values, torch.cat(val_parts).sort().values
