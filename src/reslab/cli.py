@@ -155,12 +155,13 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             )
 
 
-def _train_config(args: argparse.Namespace):
+def _given_options(args: argparse.Namespace) -> dict:
+    """The TrainConfig options given as flags (``--model-arg KEY=VALUE`` pairs parsed as YAML values)."""
     import dataclasses
 
     import yaml
 
-    from reslab.train import TrainConfig, from_dict, load_checkpoint, load_recipe
+    from reslab.train import TrainConfig
 
     given = {
         f.name: getattr(args, f.name)
@@ -175,22 +176,46 @@ def _train_config(args: argparse.Namespace):
                 raise ReslabError(f"--model-arg needs KEY=VALUE, got {item!r}")
             pairs[key.strip()] = yaml.safe_load(value)
         given["model_args"] = pairs
-    if args.resume:
-        base = TrainConfig(**load_checkpoint(args.resume)["config"])
-        given.setdefault("out_dir", str(Path(args.resume).parent))  # the folder resumed from, wherever it moved
-        if args.recipe:
-            raise ReslabError("--resume continues the checkpoint's own recipe; drop --recipe")
-        return from_dict(given, base, source="command line")
-    values = load_recipe(args.recipe) if args.recipe else {}
-    cfg = from_dict(values, source=str(args.recipe or "defaults"))
-    return from_dict(given, cfg, source="command line")
+    return given
+
+
+def _train_config(args: argparse.Namespace):
+    """The run's config and the checkpoint it resumes (None for a new run).
+
+    ``--resume PATH`` continues that checkpoint's own config (flags may change how it runs). ``--resume auto``
+    looks in the run folder (``--out-dir``, or the recipe's) for its newest good checkpoint: found, it continues
+    it (a recipe, when given, must agree with it); not found, the run starts anew, so a requeued job script
+    needs no edit.
+    """
+    from reslab.train import TrainConfig, from_dict, load_recipe
+    from reslab.train.checkpoint import resolve_resume
+
+    given = _given_options(args)
+    recipe_cfg = from_dict(load_recipe(args.recipe) if args.recipe else {}, source=str(args.recipe or "defaults"))
+    if not args.resume:
+        return from_dict(given, recipe_cfg, source="command line"), None
+    if args.resume == "auto":
+        cfg = from_dict(given, recipe_cfg, source="command line")
+        run_dir = cfg.run_dir()
+    elif args.recipe:
+        raise ReslabError("--resume PATH continues the checkpoint's own recipe; drop --recipe (or use --resume auto)")
+    else:
+        run_dir = Path(args.resume).parent
+    path, ckpt, messages = resolve_resume(args.resume, run_dir)
+    if os.environ.get("RANK", "0") == "0":
+        for message in messages:
+            print(message)
+    if args.resume == "auto" and (ckpt is None or args.recipe):
+        return cfg, path
+    given.setdefault("out_dir", str(run_dir))  # the folder resumed from, wherever it moved
+    return from_dict(given, TrainConfig(**ckpt["config"]), source="command line"), path
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from reslab.train import fit
 
-    cfg = _train_config(args)
-    fit(cfg, resume=args.resume)
+    cfg, resume = _train_config(args)
+    fit(cfg, resume=resume)
     run = cfg.run_dir()
     if os.environ.get("RANK", "0") == "0" and (run / "best.pt").exists():  # under torchrun, rank 0 alone
         from reslab.analysis.report import write_report
@@ -387,7 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model on a dataset (flags override the recipe)")
     p.add_argument("--recipe", help="YAML file of options, e.g. recipes/fashion_mnist_demo.yaml")
-    p.add_argument("--resume", metavar="CKPT", help="continue from a last.pt checkpoint")
+    p.add_argument(
+        "--resume",
+        metavar="CKPT|auto",
+        help="continue from a last.pt checkpoint; auto: the run folder's newest good one, or a new run if none",
+    )
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
@@ -433,21 +462,45 @@ def _default_input_size(args: argparse.Namespace) -> None:
         args.input_size = [3, 32, 32] if get_spec(args.model).family == "cifar" else [3, 224, 224]
 
 
+def _rank_speaks(err: BaseException | None = None) -> bool:
+    """Whether this process prints ``err`` (without one: argparse's usage, help and errors).
+
+    Run alone, or as rank 0 under torchrun: yes. Another rank stays silent about what every rank raised alike
+    (``runtime.is_shared``), but reports an error that may be its own alone: no other rank knows of it.
+    """
+    if os.environ.get("RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") == "1":
+        return True
+    # Not imported: this process never joined the process group, and every rank ran the same code on the same flags.
+    runtime = sys.modules.get("reslab.train.runtime")
+    return err is not None and runtime is not None and not runtime.is_shared(err)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], None] = args.func
+    import contextlib
+    import io
+
     try:
+        with contextlib.ExitStack() as quiet:
+            if not _rank_speaks():  # under torchrun every rank parses the same flags: rank 0 alone shows the outcome
+                quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
+                quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))
+            args = build_parser().parse_args(argv)  # imports torch: seconds in which a Ctrl-C may come
+        func: Callable[[argparse.Namespace], None] = args.func
         _default_input_size(args)
         func(args)
-    except ReslabError as err:
-        print(f"reslab: error: {err}", file=sys.stderr)
+    except (ReslabError, OSError) as err:  # OSError: a folder that cannot be written, a full disk: the user's to fix
+        if _rank_speaks(err):
+            text = str(err)
+            if isinstance(err, OSError):
+                text = f"{err.strerror or err}: {err.filename or ''}".rstrip(": ")
+            rank = "" if os.environ.get("RANK", "0") == "0" else f"rank {os.environ['RANK']}: "
+            print(f"reslab: error: {rank}{text}", file=sys.stderr)
         return 2
-    except OSError as err:  # a folder that cannot be written, a full disk: the user's to fix
-        print(f"reslab: error: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("reslab: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        # TrainingStopped (train/signals.py) has already said where its work is saved, and carries its status.
+        if _rank_speaks() and not hasattr(err, "exit_code"):
+            print("reslab: interrupted", file=sys.stderr)
+        return getattr(err, "exit_code", 130)
     return 0
 
 

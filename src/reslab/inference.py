@@ -12,6 +12,7 @@ from PIL import Image, UnidentifiedImageError
 
 from reslab.analysis.plots import plot_confusion_matrix
 from reslab.data import DatasetInfo, FolderBatchLoader, TensorBatchLoader, load_dataset
+from reslab.data.datasets import recorded_data_dir
 from reslab.data.folder import eval_transform, whole_image_folder
 from reslab.errors import ReslabError
 from reslab.train.checkpoint import load_checkpoint, model_from_checkpoint
@@ -53,7 +54,7 @@ def evaluate_checkpoint(
     else:
         bundle = load_dataset(
             name,
-            data_dir=data_dir or cfg["data_dir"],
+            data_dir=data_dir or recorded_data_dir(cfg["data_dir"]),
             val_ratio=cfg["val_ratio"],
             seed=cfg["seed"],
             download=cfg["download"],

@@ -4,6 +4,7 @@ Chromium: every image on the run report and on an explain page must load (issue 
 import json
 import re
 import shutil
+import signal
 import subprocess
 
 import matplotlib
@@ -13,7 +14,6 @@ from reslab.analysis.html import Page
 from reslab.analysis.report import layer_gradient_norms
 from reslab.cli import main
 from reslab.train import TrainConfig, fit, load_checkpoint
-from reslab.train import trainer as trainer_module
 from tests.data.fixtures import write_mnist_like
 from tests.train.test_eval_predict import TINY
 
@@ -83,7 +83,7 @@ def test_report_of_a_folder_without_a_run(tmp_path, capsys):
     assert err.count("\n") == 1 and "no best.pt" in err and err.startswith("reslab: error:")
 
 
-def test_gradient_norms_of_a_resumed_run_are_an_uninterrupted_ones(tiny_fashion, tmp_path, monkeypatch):
+def test_gradient_norms_of_a_resumed_run_are_an_uninterrupted_ones(tiny_fashion, tmp_path, signal_at_step):
     def config(name):
         return TrainConfig(
             model="resnet20",
@@ -100,19 +100,10 @@ def test_gradient_norms_of_a_resumed_run_are_an_uninterrupted_ones(tiny_fashion,
         )
 
     fit(config("straight"))
-    real = trainer_module.train_one_epoch
-    calls = {"n": 0}
-
-    def interrupted(*args, **kwargs):  # Ctrl-C during the second epoch
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(trainer_module, "train_one_epoch", interrupted)
+    signal_at_step(6, signal.SIGINT)  # 4 steps an epoch: Ctrl-C during step 2 of the second, a partial epoch
     with pytest.raises(KeyboardInterrupt):
         fit(config("cut"))
-    monkeypatch.setattr(trainer_module, "train_one_epoch", real)
+    signal_at_step(None)
     fit(config("cut"), resume=tmp_path / "cut" / "last.pt")
     straight, cut = (load_checkpoint(tmp_path / name / "last.pt")["grad_norms"] for name in ("straight", "cut"))
     assert [r["epoch"] for r in cut] == [0, 1] and cut == straight

@@ -1,6 +1,5 @@
 """`reslab explain backprop`: every hand-written backward pass equals autograd's to 1e-5 in float64."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,6 +1,8 @@
 """fit(): seeding, early stopping, checkpoints and exact resume, TensorBoard logs."""
 
+import dataclasses
 import json
+import signal
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ import torch
 from reslab import ReslabError
 from reslab.train import fit, load_checkpoint
 from reslab.train import trainer as trainer_module
+from reslab.train.signals import TrainingStopped
 
 
 def test_learns_and_writes_the_run_folder(tiny_config):
@@ -39,38 +42,69 @@ def test_same_seed_same_metrics(tiny_config, tmp_path):
     assert history("a") != history("c")
 
 
-def test_resume_continues_exactly(tiny_config, tmp_path, monkeypatch):
-    straight = tiny_config(
-        epochs=3, out_dir=str(tmp_path / "straight"), model_args={"layers": [1, 1, 1], "drop_path_rate": 0.2}
-    )
-    fit(straight)
+def numbers(history):
+    """What an epoch computed (its timing aside)."""
+    return [(r["train_loss"], r["train_acc"], r["val_loss"], r["val_acc"], r["lr"], r["train_images"]) for r in history]
 
-    # The same run, interrupted (Ctrl-C) during its third epoch, then resumed from last.pt.
-    real = trainer_module.train_one_epoch
-    calls = {"n": 0}
 
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    cut = tiny_config(epochs=3, out_dir=str(tmp_path / "cut"), model_args=straight.model_args)
-    monkeypatch.setattr(trainer_module, "train_one_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        fit(cut)
-    assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 1  # two epochs kept
-    monkeypatch.setattr(trainer_module, "train_one_epoch", real)
-    fit(cut, resume=tmp_path / "cut" / "last.pt")
-
-    a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "cut" / "last.pt")
-
-    def numbers(history):
-        return [(r["train_loss"], r["train_acc"], r["val_loss"], r["val_acc"], r["lr"]) for r in history]
-
-    assert numbers(a["history"]) == numbers(b["history"])
+def assert_same_run(a, b):
+    assert numbers(a["history"]) == numbers(b["history"]) and a["grad_norms"] == b["grad_norms"]
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+
+
+def test_a_signal_saves_mid_epoch_and_resume_continues_exactly(tiny_config, tmp_path, signal_at_step):
+    signum = signal.SIGINT  # Ctrl-C; SIGTERM takes the same path (tests/train/test_faults.py sends a real one)
+    # 15 steps an epoch; drop path draws from the global RNG, so its state must be restored too.
+    model_args = {"layers": [1, 1, 1], "drop_path_rate": 0.2}
+    straight = tiny_config(epochs=3, out_dir=str(tmp_path / "straight"), model_args=model_args)
+    fit(straight)
+    cut = tiny_config(epochs=3, out_dir=str(tmp_path / "cut"), model_args=model_args, save_every_steps=4)
+    signal_at_step(22, signum)  # step 7 of epoch 2
+    with pytest.raises(TrainingStopped) as stopped:
+        fit(cut)
+    assert stopped.value.exit_code == 128 + signum and "--resume auto" in stopped.value.message
+    saved = load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert saved["progress"] == {"epoch": 1, "step": 7} and saved["epoch"] == 0
+    assert load_checkpoint(tmp_path / "cut" / "last.prev.pt")["progress"] == {"epoch": 1, "step": 4}
+    signal_at_step(None)
+    fit(cut, resume="auto")
+    assert_same_run(load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "cut" / "last.pt"))
+    a, b = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("straight", "cut"))
+    assert a["test_acc"] == b["test_acc"] and a["test_loss"] == b["test_loss"]
+
+
+def test_resume_from_any_step_is_exact(tiny_config, tmp_path, signal_at_step):
+    reference = tiny_config(epochs=2, out_dir=str(tmp_path / "straight"))
+    fit(reference)
+    # A stop at the first step, on the last step of an epoch, and on the first step of the next (mid-epoch
+    # stops: the test above and test_a_damaged_last_checkpoint_falls_back_to_the_one_before).
+    for steps in (1, 15, 16):
+        run = tmp_path / f"stopped-at-{steps}"
+        cfg = tiny_config(epochs=2, out_dir=str(run))
+        signal_at_step(steps)
+        with pytest.raises(TrainingStopped):
+            fit(cfg)
+        signal_at_step(None)
+        fit(cfg, resume=run / "last.pt")
+        assert_same_run(load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(run / "last.pt"))
+
+
+def test_a_damaged_last_checkpoint_falls_back_to_the_one_before(tiny_config, tmp_path, signal_at_step, capsys):
+    cfg = tiny_config(epochs=1, save_every_steps=5)
+    signal_at_step(12)  # saves at steps 5 and 10, then 12 on the signal
+    with pytest.raises(TrainingStopped):
+        fit(cfg)
+    signal_at_step(None)
+    run = cfg.run_dir()
+    (run / "last.pt").write_bytes((run / "last.pt").read_bytes()[:1000])  # a kill of the disk, not of the process
+    fit(cfg, resume="auto")
+    out = capsys.readouterr().out
+    assert f"{run / 'last.pt'}" in out and "skipping it" in out and "at step 10 of epoch 1" in out
+    assert (run / "last.damaged.pt").exists() and load_checkpoint(run / "last.prev.pt")["progress"]["step"] == 10
+    reference = tiny_config(epochs=1, out_dir=str(tmp_path / "straight"))
+    fit(reference)
+    assert_same_run(load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(run / "last.pt"))
 
 
 def test_resume_refuses_a_different_run(tiny_config, tmp_path):
@@ -112,9 +146,69 @@ def test_early_stopping_restores_the_best_model(tiny_config, monkeypatch):
     assert fit(tiny_config(epochs=6, patience=2), resume=cfg.run_dir() / "last.pt")["epochs_run"] == 4
 
 
-def test_a_diverging_run_stops_with_a_clear_error(tiny_config):
-    with pytest.raises(ReslabError, match=r"the training loss became nan in epoch 1; lower --lr"):
+def _existing_paths_named(message):
+    import re
+    from pathlib import Path
+
+    paths = [Path(p) for p in re.findall(r"(/\S+?\.pt)\b", message)]
+    return paths, all(p.is_file() for p in paths)
+
+
+def test_a_diverging_step_is_caught_where_it_happens_and_named(tiny_config):
+    with pytest.raises(ReslabError) as err:
         fit(tiny_config(epochs=2, lr=1e30))
+    message = str(err.value)
+    # Step 1 is finite (the loss of random weights); its update blows the weights up: step 2 diverges.
+    assert message.startswith("training diverged at step 2 of epoch 1: the loss was ")
+    assert "went non-finite first" in message or "the loss itself" in message
+    paths, exist = _existing_paths_named(message)
+    assert paths == [] and exist and "Lower --lr" in message  # nothing was saved yet: no file is pointed to
+
+
+def test_an_exploding_loss_stops_the_run(tiny_config):
+    with pytest.raises(ReslabError, match=r"at step 1 of epoch 1: the loss was 2\.\d+ \(above --max-loss 0\.5\)"):
+        fit(tiny_config(epochs=1, max_loss=0.5))
+
+
+def test_a_model_with_non_finite_statistics_is_never_saved(tiny_config, monkeypatch):
+    """A NaN in a BatchNorm running variance after epoch 2 (the loss stayed finite): best.pt keeps epoch 1."""
+    real = trainer_module.evaluate
+    calls = {"n": 0}
+
+    def poisoned(model, batches, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            dict(model.named_buffers())["bn1.running_var"][0] = float("nan")
+        return real(model, batches, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "evaluate", poisoned)
+    cfg = tiny_config(epochs=3)
+    with pytest.raises(ReslabError, match=r"diverged after epoch 2: bn1\.running_var holds non-finite values") as err:
+        fit(cfg)
+    for name in ("best.pt", "last.pt"):
+        ckpt = load_checkpoint(cfg.run_dir() / name)
+        floats = [v for v in ckpt["model"].values() if v.is_floating_point()]
+        assert ckpt["epoch"] == 0 and all(torch.isfinite(v).all() for v in floats)
+    paths, exist = _existing_paths_named(str(err.value))
+    assert paths and exist
+
+
+def test_a_non_finite_validation_loss_is_never_the_best_model(tiny_config, monkeypatch):
+    real = trainer_module.evaluate
+
+    def nan_validation(model, batches, **kwargs):
+        result = real(model, batches, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            result.loss = float("nan")
+        return result
+
+    calls = {"n": 0}
+    monkeypatch.setattr(trainer_module, "evaluate", nan_validation)
+    cfg = tiny_config(epochs=3)
+    with pytest.raises(ReslabError, match=r"diverged after epoch 2: the validation loss is nan"):
+        fit(cfg)
+    assert load_checkpoint(cfg.run_dir() / "best.pt")["epoch"] == 0
 
 
 def test_augmentation_only_on_training_split(tiny_config):
@@ -124,21 +218,22 @@ def test_augmentation_only_on_training_split(tiny_config):
     cfg = tiny_config()
     bundle = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=False)
     train, val, test = trainer_module._loaders(bundle, cfg, runtime.setup("cpu", "off", False))
-    assert train.loader.train and train.loader.augment.crop_padding == 2
+    assert train.train and train.augment.crop_padding == 2
     assert not val.train and not test.train  # evaluation loaders never augment (tests/data/test_augment.py)
 
 
 def test_tensorboard_holds_scalars_histograms_and_images(tiny_config):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = tiny_config(epochs=2)
+    cfg = tiny_config(epochs=2, log_every_steps=4)  # 15 steps an epoch
     fit(cfg)
     events = EventAccumulator(str(cfg.run_dir() / "tensorboard"), size_guidance={"histograms": 0, "scalars": 0})
     events.Reload()
     tags = events.Tags()
-    for tag in ("loss/train", "loss/val", "accuracy/train", "accuracy/val", "lr", "grad_norm/conv1.weight"):
-        assert tag in tags["scalars"], tag
-        assert [e.step for e in events.Scalars(tag)] == [0, 1]
+    for tag in ("loss/train", "lr"):  # every 4 optimizer steps
+        assert [e.step for e in events.Scalars(tag)] == [4, 8, 12, 16, 20, 24, 28], tag
+    for tag in ("loss/val", "accuracy/train", "accuracy/val", "grad_norm/conv1.weight"):  # at each epoch's end
+        assert [e.step for e in events.Scalars(tag)] == [15, 30], tag
     assert "weights/conv1.weight" in tags["histograms"] and "weights/fc.bias" in tags["histograms"]
     assert tags["images"] == ["inputs/train"]
     val_acc = [e.value for e in events.Scalars("accuracy/val")]
@@ -170,6 +265,9 @@ def test_trains_on_an_image_folder(tmp_path):
     from tests.data.fixtures import write_image_folder
 
     write_image_folder(tmp_path / "images", split_dirs=("train", "test"), per_class=16, size=20)
+    empty, text = tmp_path / "images" / "train" / "cat" / "empty.png", tmp_path / "images" / "test" / "dog" / "x.jpg"
+    empty.write_bytes(b"")
+    text.write_text("not an image")
     cfg = TrainConfig(
         model="resnet20",
         model_args={"layers": [1, 1, 1]},
@@ -185,7 +283,12 @@ def test_trains_on_an_image_folder(tmp_path):
         num_workers=1,
         out_dir=str(tmp_path / "run"),
     )
-    results = fit(cfg)
+    with pytest.raises(ReslabError, match=r"2 of \d+ images are bad: .*empty\.png \(empty file \(0 bytes\)\)"):
+        fit(dataclasses.replace(cfg, on_bad_image="fail"))  # before any training
+    assert not (tmp_path / "run" / "last.pt").exists()
+    results = fit(cfg)  # skip, the default: the bad files are left out and listed
     assert results["epochs_run"] == 2 and results["test_acc"] is not None
+    listing = (tmp_path / "run" / "bad_images.txt").read_text()
+    assert f"{empty}\tempty file (0 bytes)" in listing and f"{text}\tnot an image" in listing
     best = load_checkpoint(tmp_path / "run" / "best.pt")
     assert best["dataset"]["classes"] == ["cat", "dog", "fish"] and best["dataset"]["image_size"] == (16, 16)

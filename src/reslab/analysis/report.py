@@ -29,6 +29,7 @@ from torch import Tensor
 from reslab.analysis.html import Page
 from reslab.analysis.plots import plot_history
 from reslab.data import DatasetInfo, TensorBatchLoader, TensorSplit, load_dataset
+from reslab.data.datasets import recorded_data_dir
 from reslab.errors import ReslabError
 from reslab.inference import evaluate_checkpoint
 from reslab.train.checkpoint import load_checkpoint, model_from_checkpoint
@@ -179,7 +180,8 @@ def _test_images(page: Page, run: Path, best: dict, device: str, data_dir: str |
 def _test_sample(best: dict, data_dir: str | None) -> TensorSplit:
     """Up to SAMPLE_IMAGES test images of the run's dataset, drawn with a fixed seed (uint8, as stored)."""
     cfg = best["config"]
-    bundle = load_dataset(cfg["dataset"], data_dir=data_dir or cfg["data_dir"], val_ratio=0.0, download=cfg["download"])
+    folder = data_dir or recorded_data_dir(cfg["data_dir"])
+    bundle = load_dataset(cfg["dataset"], data_dir=folder, val_ratio=0.0, download=cfg["download"])
     index = torch.randperm(len(bundle.test), generator=torch.Generator().manual_seed(SAMPLE_SEED))
     return bundle.test.subset(index[:SAMPLE_IMAGES])
 

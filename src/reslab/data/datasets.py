@@ -41,13 +41,33 @@ IDX_FILES = {
 }
 
 
+def _existing_folder(path: Path, given_as: str) -> Path:
+    """``path``, or a ReslabError when it is missing or a file (``given_as``: how the user gave it)."""
+    if path.is_file():
+        raise ReslabError(f"{given_as} is a file, not a folder")
+    if not path.is_dir():
+        raise ReslabError(f"{given_as} does not exist")
+    return path
+
+
+def recorded_data_dir(data_dir: str | None) -> str | None:
+    """A checkpoint's own ``data_dir`` while it still exists, else None (the usual search order then applies):
+    a run's data moved since training must not turn ``eval`` or ``report`` into a missing-folder error."""
+    return data_dir if data_dir and Path(data_dir).is_dir() else None
+
+
 def search_roots(data_dir: str | Path | None) -> list[Path]:
-    """Where dataset files are looked for, in order."""
+    """Where dataset files are looked for, in order: ``data_dir``, ``$RESLAB_DATA``, the system folders.
+
+    A given ``data_dir`` or a set ``$RESLAB_DATA`` must be an existing folder: a typo is an error, not a silent
+    fall-through to the next place (which may hold another copy of the data, or start a download).
+    """
     roots = []
     if data_dir:
-        roots.append(Path(data_dir))
+        roots.append(_existing_folder(Path(data_dir), f"--data-dir {data_dir}"))
     if os.environ.get("RESLAB_DATA"):
-        roots.append(Path(os.environ["RESLAB_DATA"]))
+        env = os.environ["RESLAB_DATA"]
+        roots.append(_existing_folder(Path(env), f"RESLAB_DATA={env}"))
     roots.extend(SYSTEM_DATA_DIRS)
     return roots
 
@@ -247,6 +267,8 @@ def load_dataset(
     download: bool = True,
     image_size: int | None = None,
     in_chans: int | None = None,
+    on_bad_image: str = "skip",
+    max_image_pixels: int = 89_478_485,
 ) -> DataBundle:
     """Load ``name`` and split its training set into train / validation (stratified, seeded).
 
@@ -258,12 +280,21 @@ def load_dataset(
         download: let torchvision download the files when they are nowhere on disk.
         image_size: ``imagefolder`` only: images are resized to this square size (default 224).
         in_chans: ``imagefolder`` only: 1 reads images as grayscale, 3 (default) as RGB.
+        on_bad_image: ``imagefolder`` only: "skip" leaves unreadable images out (``bundle.bad_files``), "fail"
+            stops with the first few.
+        max_image_pixels: ``imagefolder`` only: larger images are bad (decompression bombs), refused unread.
     """
     if name == "imagefolder":
         from reslab.data.folder import load_image_folder
 
         return load_image_folder(
-            data_dir, val_ratio=val_ratio, seed=seed, image_size=image_size or 224, in_chans=in_chans or 3
+            data_dir,
+            val_ratio=val_ratio,
+            seed=seed,
+            image_size=image_size or 224,
+            in_chans=in_chans or 3,
+            on_bad_image=on_bad_image,
+            max_image_pixels=max_image_pixels,
         )
     if name == "synthetic":
         classes, train, test = load_synthetic()

@@ -2,6 +2,11 @@
 
 Both yield ``(images, labels)`` already on the device: images (B, C, H, W) float32, normalized, in the
 requested memory format; labels (B,) int64. With ``world_size > 1`` each rank reads its own shard.
+
+Training batches are a pure function of (seed, epoch, step, rank): the shuffling order comes from
+(seed, epoch), and the augmentation of each batch (in memory) or each image (image folders) from a
+generator seeded by its position. So a run stopped at any step resumes with exactly the batches it would
+have seen (``set_epoch(epoch, start_step)``), and image folders augment alike whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -11,11 +16,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from reslab.data.augment import normalize, random_crop, random_hflip
 from reslab.data.types import DatasetInfo, TensorSplit
+from reslab.errors import ReslabError
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,22 @@ class Augment:
     flip: bool = True
 
 
+def mix_seed(*parts: int) -> int:
+    """One 63-bit seed from several integers (seed, epoch, step, ...), distinct for distinct tuples in practice."""
+    value = 0x9E3779B97F4A7C15
+    for part in parts:
+        value = (value ^ (part + 0x9E3779B97F4A7C15 + (value << 6) + (value >> 2))) * 0xBF58476D1CE4E5B9
+        value &= (1 << 64) - 1
+    return value >> 1
+
+
+def epoch_order(n: int, *, seed: int, epoch: int, rank: int, world_size: int) -> Tensor:
+    """This rank's shard of the shuffled indices 0..n-1 for ``epoch``: equal shards of one order shared by all ranks."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch)))
+    per_rank = n // world_size  # equal shards, so every rank takes the same number of steps
+    return order[rank * per_rank : (rank + 1) * per_rank]
+
+
 class TensorBatchLoader:
     """Iterates a uint8 ``TensorSplit`` kept whole on the device, augmenting a batch at a time.
 
@@ -33,7 +54,7 @@ class TensorBatchLoader:
         split: the images (N, C, H, W) uint8 and labels.
         batch_size: per rank.
         train: shuffle, augment and drop the last partial batch; otherwise fixed order, no augmentation.
-        generator: CPU generator for augmentation (shuffling uses ``order_generator``).
+        seed: with the epoch and step (``set_epoch``), decides the order and every random crop and flip.
     """
 
     def __init__(
@@ -46,7 +67,7 @@ class TensorBatchLoader:
         device: torch.device,
         augment: Augment = Augment(),
         channels_last: bool = False,
-        generator: torch.Generator | None = None,
+        seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
@@ -56,36 +77,91 @@ class TensorBatchLoader:
         self.std = torch.tensor(info.std, device=device)
         self.batch_size, self.train, self.augment = batch_size, train, augment
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        # Two CPU generators: the shuffling order must be the same on every rank (each takes its own slice
-        # of it), while augmentation should differ between ranks. The trainer reseeds both every epoch.
-        self.order_generator = torch.Generator().manual_seed(0)
-        self.generator = generator or torch.Generator().manual_seed(1)
-        self.rank, self.world_size = rank, world_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The next iteration yields ``epoch``'s batches from ``start_step`` on (training only)."""
+        self.epoch, self.start_step = epoch, start_step
 
     def _indices(self) -> Tensor:
         n = len(self.labels)
         if not self.train:
             return torch.arange(self.rank, n, self.world_size)
-        order = torch.randperm(n, generator=self.order_generator)
-        per_rank = n // self.world_size  # equal shards, so every rank takes the same number of steps
-        return order[self.rank * per_rank : (self.rank + 1) * per_rank]
+        return epoch_order(n, seed=self.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size)
 
     def __len__(self) -> int:
-        n = len(self._indices()) if not self.train else len(self.labels) // self.world_size
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
+        """Batches in a whole epoch (a resumed epoch yields ``len(self) - start_step`` of them)."""
+        if self.train:
+            return len(self.labels) // self.world_size // self.batch_size
+        return -(-len(range(self.rank, len(self.labels), self.world_size)) // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         index = self._indices().to(self.images.device)
-        steps = len(self)
-        for step in range(steps):
+        for step in range(self.start_step if self.train else 0, len(self)):
             batch = index[step * self.batch_size : (step + 1) * self.batch_size]
             x = self.images[batch]
             if self.train:
-                x = random_crop(x, self.augment.crop_padding, self.generator)
+                generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, step, self.rank))
+                x = random_crop(x, self.augment.crop_padding, generator)
                 if self.augment.flip:
-                    x = random_hflip(x, self.generator)
+                    x = random_hflip(x, generator)
             x = normalize(x, self.mean, self.std).contiguous(memory_format=self.memory_format)
             yield x, self.labels[batch]
+
+
+class _EpochSampler(Sampler):
+    """(index, seed) pairs of one epoch's shard from ``start`` on; the seed decides that image's augmentation."""
+
+    def __init__(self, n: int, *, seed: int, rank: int, world_size: int, batch_size: int) -> None:
+        self.n, self.seed, self.rank, self.world_size, self.batch_size = n, seed, rank, world_size, batch_size
+        self.epoch, self.start_step = 0, 0
+
+    def steps(self) -> int:
+        return self.n // self.world_size // self.batch_size
+
+    def __len__(self) -> int:
+        return (self.steps() - self.start_step) * self.batch_size
+
+    def __iter__(self):
+        order = epoch_order(self.n, seed=self.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size)
+        for i in order[self.start_step * self.batch_size : self.steps() * self.batch_size].tolist():
+            yield i, mix_seed(self.seed, self.epoch, i)
+
+
+class _SeededSamples(Dataset):
+    """Reads ``dataset[index]`` with torch's RNG seeded for that image (torchvision's random transforms use it)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):  # leave the process's own random stream untouched
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGINT and SIGTERM to the main process, which finishes its step and saves (train/signals.py);
+    a Ctrl-C in a terminal reaches every process of the group, and a worker that died of it would end the run."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _collate(items: list):
+    """Stack a batch; a sample that could not be read (``folder.BadSample``) makes the whole batch that marker."""
+    from reslab.data.folder import BadSample
+
+    for item in items:
+        if isinstance(item, BadSample):
+            return item
+    return torch.utils.data.default_collate(items)
 
 
 class FolderBatchLoader:
@@ -105,35 +181,45 @@ class FolderBatchLoader:
         world_size: int = 1,
     ) -> None:
         self.sampler = None
-        if world_size > 1 and train:
-            self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, seed=seed, drop_last=True)
+        if train:
+            self.sampler = _EpochSampler(
+                len(dataset), seed=seed, rank=rank, world_size=world_size, batch_size=batch_size
+            )
+            dataset = _SeededSamples(dataset)
         elif world_size > 1:  # evaluation: disjoint shards, no padding, so every image counts exactly once
             dataset = Subset(dataset, range(rank, len(dataset), world_size))
-        generator = torch.Generator().manual_seed(seed)
         self.loader = DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train and self.sampler is None,
             sampler=self.sampler,
             num_workers=num_workers,
             drop_last=train,
             pin_memory=device.type == "cuda",
-            generator=generator,
-            # Workers restart each epoch so their random seeds come from the (per-epoch reseeded) generator:
-            # persistent workers would carry augmentation state across epochs and break exact resume.
+            collate_fn=_collate,
+            worker_init_fn=_ignore_stop_signals,
+            # Evaluation reuses its workers; training restarts them each epoch (its sampler changes).
             persistent_workers=num_workers > 0 and not train,
         )
         self.device = device
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.epoch = 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The next iteration yields ``epoch``'s batches from ``start_step`` on (training only)."""
+        self.sampler.epoch, self.sampler.start_step = epoch, start_step
 
     def __len__(self) -> int:
-        return len(self.loader)
+        """Batches in a whole epoch (a resumed epoch yields ``len(self) - start_step`` of them)."""
+        return self.sampler.steps() if self.sampler is not None else len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        if self.sampler is not None:
-            self.sampler.set_epoch(self.epoch)
-        self.epoch += 1
-        for x, y in self.loader:
+        from reslab.data.folder import BadSample
+
+        for batch in self.loader:
+            if isinstance(batch, BadSample):
+                raise ReslabError(
+                    f"{batch.path} could not be read ({batch.reason}); fix or remove it, and run again "
+                    "(a training run continues with --resume auto)"
+                )
+            x, y = batch
             x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
             yield x, y.to(self.device, non_blocking=True)

@@ -52,6 +52,7 @@ class DataBundle:
     train: TensorSplit | torch.utils.data.Dataset
     val: TensorSplit | torch.utils.data.Dataset | None
     test: TensorSplit | torch.utils.data.Dataset | None
+    bad_files: list[tuple[str, str]] = field(default_factory=list)  # image folders: (path, reason) left out
 
     @property
     def in_memory(self) -> bool:

@@ -1,8 +1,8 @@
-"""Training: config, engine (train_one_epoch, evaluate), checkpoints, logging, runtime and DDP, fit."""
+"""Training: config, engine (forward_backward, optimizer_step, evaluate), checkpoints, logging, runtime and DDP, fit."""
 
 from reslab.train.checkpoint import load_checkpoint, model_from_checkpoint
 from reslab.train.config import TrainConfig, from_dict, load_recipe
-from reslab.train.engine import evaluate, train_one_epoch
+from reslab.train.engine import evaluate
 from reslab.train.trainer import fit
 
 __all__ = [
@@ -13,5 +13,4 @@ __all__ = [
     "load_checkpoint",
     "load_recipe",
     "model_from_checkpoint",
-    "train_one_epoch",
 ]

@@ -107,6 +107,22 @@ RESUMABLE_OVERRIDES = (
     "log_every_steps",
     "max_loss",
 )
+
+
+def check_resumable(saved: dict[str, Any], cfg: TrainConfig) -> None:
+    """A run may resume a checkpoint whose config (``saved``) differs from ``cfg`` only in RESUMABLE_OVERRIDES."""
+    defaults = TrainConfig()
+    for key, value in cfg.to_dict().items():
+        if key in RESUMABLE_OVERRIDES or key == "overwrite":
+            continue
+        before = saved.get(key, getattr(defaults, key))  # an option newer than the checkpoint had its default
+        if before != value:
+            raise ReslabError(
+                f"cannot resume: the checkpoint has {key}={before!r}, this run {value!r} "
+                f"(a resumed run may change only {', '.join(RESUMABLE_OVERRIDES)})"
+            )
+
+
 CHOICES = {
     "optimizer": ("sgd", "adam", "adamw"),
     "schedule": ("step", "cosine", "onecycle", "constant"),

@@ -1,8 +1,10 @@
-"""One epoch of training and one pass of evaluation. Metrics stay on the device until the end of a pass."""
+"""A training step in two halves (forward/backward, then the optimizer) and a pass of evaluation.
+
+Metrics stay on the device until the end of an epoch or pass."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -22,52 +24,87 @@ class EpochResult:
     loss: float
     accuracy: float
     images: int
-    seconds: float = 0.0
 
 
-def train_one_epoch(
+class EpochMeter:
+    """One epoch's summed training loss and correct predictions, kept on the device: no host sync per step.
+
+    Its state goes into mid-epoch checkpoints, so a resumed epoch reports the same numbers as an uninterrupted one.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.correct = torch.zeros((), device=self.device, dtype=torch.long)
+        self.seen = 0
+
+    def add(self, loss: Tensor, logits: Tensor, labels: Tensor) -> None:
+        """``loss``: the batch's mean loss (a scalar); ``logits`` (B, classes); ``labels`` (B,)."""
+        self.loss_sum += loss.detach() * len(labels)
+        self.correct += (logits.argmax(dim=1) == labels).sum()
+        self.seen += len(labels)
+
+    def result(self) -> EpochResult:
+        """The epoch's mean loss and accuracy over every rank (a collective under DDP)."""
+        local = torch.stack(
+            [self.loss_sum.float(), self.correct.float(), torch.tensor(float(self.seen), device=self.device)]
+        )
+        loss_total, correct_total, n = all_reduce_sum(local).tolist()
+        return EpochResult(loss=loss_total / max(n, 1), accuracy=correct_total / max(n, 1), images=int(n))
+
+    def state_dict(self) -> dict:
+        return {"loss_sum": self.loss_sum.cpu(), "correct": self.correct.cpu(), "seen": self.seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss_sum = state["loss_sum"].to(self.device)
+        self.correct = state["correct"].to(self.device)
+        self.seen = state["seen"]
+
+
+def forward_backward(
     model: nn.Module,
-    batches: Iterable[tuple[Tensor, Tensor]],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    images: Tensor,
+    labels: Tensor,
     loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
     *,
     device: torch.device,
     amp_dtype: torch.dtype | None,
     scaler: torch.amp.GradScaler | None = None,
-    on_step: Callable[[int, Tensor, Tensor], None] | None = None,
-) -> EpochResult:
-    """Train for one pass over ``batches`` of (images (B, C, H, W), labels (B,)); scheduler steps per batch.
+) -> tuple[Tensor, Tensor]:
+    """Forward and backward of one batch, images (B, C, H, W) and labels (B,); returns (loss, logits (B, classes)).
 
-    ``on_step(step, images, loss)`` is called after each optimizer step (progress, gradient norms).
+    The optimizer does not step yet: the caller first checks the loss and gradients (a diverging step must
+    not reach the weights). With a scaler (fp16) the gradients are unscaled, so their norms are true ones.
     """
     model.train()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
-    for step, (x, y) in enumerate(batches):
-        with autocast(device, amp_dtype):
-            logits = model(x)
-            loss = loss_fn(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:  # fp16 needs loss scaling; bf16 has float32's range and does not
-            scaler.scale(loss).backward()
-            if on_step is not None:
-                scaler.unscale_(optimizer)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        scheduler.step()
-        loss_sum += loss.detach() * len(y)
-        correct += (logits.argmax(dim=1) == y).sum()
-        seen += len(y)
-        if on_step is not None:
-            on_step(step, x, loss)
-    totals = all_reduce_sum(torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=device)]))
-    loss_total, correct_total, n = totals.tolist()
-    return EpochResult(loss=loss_total / max(n, 1), accuracy=correct_total / max(n, 1), images=int(n))
+    with autocast(device, amp_dtype):
+        logits = model(images)
+        loss = loss_fn(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:  # fp16 needs loss scaling; bf16 has float32's range and does not
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    return loss, logits
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None = None,
+) -> None:
+    """Apply the gradients of ``forward_backward`` and advance the per-batch schedule."""
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """What a run reports: TensorBoard curves and histograms, a metrics file, and a progress bar.
 
-- TensorBoard (``<run>/tensorboard``): ``loss/train``, ``loss/val``, ``accuracy/train``, ``accuracy/val``,
-  ``lr``, ``images_per_second``; ``weights/<param>`` histograms; ``grad_norm/<param>`` (mean over the
-  epoch's steps); ``inputs/train``, a grid of augmented training images.
+- TensorBoard (``<run>/tensorboard``), every curve against the optimizer step: ``loss/train`` and ``lr`` every
+  ``log_every_steps`` steps (the mean loss of those steps); at each epoch's end ``loss/val``, ``accuracy/train``,
+  ``accuracy/val``, ``images_per_second``, ``weights/<param>`` histograms and ``grad_norm/<param>`` (mean over
+  the epoch's steps); ``inputs/train``, a grid of augmented training images.
 - ``<run>/metrics.jsonl``: one JSON object per epoch, for people who don't run TensorBoard.
 - ``<run>/grad_norms.jsonl``: per epoch, ``{"epoch": e, "norms": {parameter: mean gradient L2 norm}}``.
 - A rich progress bar with ETA, images/s and loss; ``quiet`` prints one line per epoch instead.
@@ -31,11 +32,11 @@ class RunLogger:
         hist_every: int,
         history: list[dict],
         grad_norms: list[dict],
-        start_epoch: int = 0,
+        start_step: int = 0,
     ) -> None:
-        """``history``, ``grad_norms`` and ``start_epoch`` come from the checkpoint a run resumes (empty and 0 for
-        a new run): the two JSON-lines files are rewritten from them and TensorBoard drops any event logged after
-        it, so an epoch cut short by Ctrl-C after logging but before its checkpoint is not counted twice."""
+        """``history``, ``grad_norms`` and ``start_step`` (the global step) come from the checkpoint a run resumes
+        (empty and 0 for a new run): the two JSON-lines files are rewritten from them and TensorBoard drops any
+        event logged after it, so steps run after the checkpoint and before a kill are not counted twice."""
         self.enabled, self.quiet, self.hist_every = enabled, quiet, hist_every
         self.console = Console(highlight=False, soft_wrap=True)
         self.writer = None
@@ -47,12 +48,13 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             run_dir.mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_epoch or None)
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step or None)
             self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
             self.grad_norms_path.write_text("".join(json.dumps(r) + "\n" for r in grad_norms))
 
     # --- progress ----------------------------------------------------------------------------------------
-    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
+    def start_epoch(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None:
+        """A progress bar over ``steps`` steps, ``done`` of them already (an epoch resumed mid-way)."""
         self._epoch_start = time.perf_counter()
         if not self.enabled or self.quiet:
             return
@@ -68,7 +70,7 @@ class RunLogger:
             transient=True,
         )
         self.progress.start()
-        self._task = self.progress.add_task("train", total=steps, speed="-", loss="-")
+        self._task = self.progress.add_task("train", total=steps, completed=done, speed="-", loss="-")
 
     def step(self, images_seen: int, loss: float | None) -> None:
         if self.progress is None:
@@ -89,24 +91,27 @@ class RunLogger:
             self.console.print(message)
 
     # --- records -----------------------------------------------------------------------------------------
-    def log_epoch(self, record: dict) -> None:
+    def log_step(self, global_step: int, loss: float, lr: float) -> None:
+        """The mean training loss of the last ``log_every_steps`` steps, and the learning rate."""
+        if self.enabled:
+            self.writer.add_scalar("loss/train", loss, global_step)
+            self.writer.add_scalar("lr", lr, global_step)
+
+    def log_epoch(self, record: dict, global_step: int) -> None:
         if not self.enabled:
             return
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        step = record["epoch"]
         for key, tag in (
-            ("train_loss", "loss/train"),
             ("val_loss", "loss/val"),
             ("train_acc", "accuracy/train"),
             ("val_acc", "accuracy/val"),
-            ("lr", "lr"),
             ("images_per_second", "images_per_second"),
         ):
             if record.get(key) is not None:
-                self.writer.add_scalar(tag, record[key], step)
+                self.writer.add_scalar(tag, record[key], global_step)
 
-    def log_model(self, model: nn.Module, grad_norms: dict) -> None:
+    def log_model(self, model: nn.Module, grad_norms: dict, global_step: int) -> None:
         """``grad_norms``: one epoch's ``{"epoch": e, "norms": {parameter: mean gradient L2 norm}}``."""
         if not self.enabled:
             return
@@ -114,19 +119,19 @@ class RunLogger:
         with self.grad_norms_path.open("a") as f:
             f.write(json.dumps(grad_norms) + "\n")
         for name, value in grad_norms["norms"].items():
-            self.writer.add_scalar(f"grad_norm/{name}", value, epoch)
+            self.writer.add_scalar(f"grad_norm/{name}", value, global_step)
         if self.hist_every and epoch % self.hist_every == 0:
             for name, p in model.named_parameters():
-                self.writer.add_histogram(f"weights/{name}", p.detach().float().cpu(), epoch)
+                self.writer.add_histogram(f"weights/{name}", p.detach().float().cpu(), global_step)
 
-    def log_images(self, images: Tensor, mean: Tensor, std: Tensor, epoch: int) -> None:
+    def log_images(self, images: Tensor, mean: Tensor, std: Tensor, global_step: int) -> None:
         """A grid of (up to 64) normalized training images (B, C, H, W), shown as the model sees them."""
         if not self.enabled:
             return
         from torchvision.utils import make_grid
 
         x = images[:64].detach().float().cpu() * std.cpu()[:, None, None] + mean.cpu()[:, None, None]
-        self.writer.add_image("inputs/train", make_grid(x.clamp(0, 1), nrow=8), epoch)
+        self.writer.add_image("inputs/train", make_grid(x.clamp(0, 1), nrow=8), global_step)
 
     def log_text(self, tag: str, text: str) -> None:
         if self.enabled:
@@ -146,13 +151,24 @@ class GradNormTracker:
         self.total: Tensor | None = None
         self.steps = 0
 
-    def update(self) -> None:
+    def norms(self) -> Tensor | None:
+        """Every parameter's gradient L2 norm now, (num_params,); None before the first backward pass."""
         grads = [p.grad for p in self.params]
         if any(g is None for g in grads):
-            return
-        norms = torch.stack(torch._foreach_norm(grads)).float()
+            return None
+        return torch.stack(torch._foreach_norm(grads)).float()
+
+    def add(self, norms: Tensor) -> None:
         self.total = norms if self.total is None else self.total + norms
         self.steps += 1
+
+    def state_dict(self) -> dict:
+        return {"total": None if self.total is None else self.total.cpu(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        total = state["total"]
+        self.total = None if total is None else total.to(self.params[0].device)
+        self.steps = state["steps"]
 
     def pop(self) -> dict[str, float]:
         if self.total is None:

@@ -1,16 +1,22 @@
-"""``fit``: the whole training story of the seeds as one function.
+"""``fit``: a training run as setup, a loop of epochs, and a finish.
 
 Validation split, train-only augmentation, seeding, early stopping that restores the best model, per-batch
-schedules, TensorBoard, atomic self-describing checkpoints, exact resume, DDP. Files in the run folder:
+schedules, TensorBoard, atomic self-describing checkpoints, exact resume from any step, DDP. Files in the run
+folder:
 
-- ``last.pt``: the full state after the last completed epoch (resume from it with ``--resume``).
+- ``last.pt``: the whole training state (``TrainState``), written at each epoch's end, every
+  ``save_every_steps`` steps inside an epoch, and on SIGTERM / SIGINT; ``last.prev.pt`` is the one before,
+  kept in case the newest is damaged. Resume with ``--resume auto`` (or a path).
 - ``best.pt``: the model with the best validation accuracy (what ``eval`` and ``predict`` use).
 - ``results.json``: the final numbers; ``metrics.jsonl``: per-epoch numbers; ``grad_norms.jsonl``: per-epoch
-  gradient norm of every parameter (also kept in the checkpoints, for the run report); ``tensorboard/``: curves.
+  gradient norm of every parameter; ``tensorboard/``: curves; ``bad_images.txt``: image-folder files skipped.
 
-Determinism: the data order and augmentation of epoch ``e`` come from generators seeded by (seed, e, rank),
-and the global RNG state (stochastic depth) is checkpointed, so "train 4 epochs" and "train 2, resume, train
-2" give the same weights on the CPU.
+Every step is checked before the optimizer applies it: a non-finite or exploding loss or a non-finite gradient
+stops the run there, names the first layer that went non-finite, and nothing non-finite is ever saved.
+
+Determinism: the data of step ``s`` of epoch ``e`` is a function of (seed, e, s, rank), and the global RNG
+state (stochastic depth) is checkpointed, so a run killed at any point and resumed ends with the same weights
+and metrics as one that never stopped, on the CPU.
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from reslab.data import Augment, DataBundle, FolderBatchLoader, TensorBatchLoader, load_dataset
@@ -32,37 +37,47 @@ from reslab.data.folder import train_transform
 from reslab.errors import ReslabError
 from reslab.models import create_model
 from reslab.train import runtime
-from reslab.train.checkpoint import FORMAT, atomic_save, load_checkpoint
-from reslab.train.config import RESUMABLE_OVERRIDES, TrainConfig
-from reslab.train.engine import evaluate, train_one_epoch
+from reslab.train.checkpoint import FORMAT, atomic_save, clean_stale_temp_files, previous_path, resolve_resume
+from reslab.train.config import TrainConfig, check_resumable
+from reslab.train.divergence import diagnose, nonfinite_entries
+from reslab.train.engine import EpochMeter, evaluate, forward_backward, optimizer_step
 from reslab.train.logging import GradNormTracker, RunLogger
 from reslab.train.optim import build_optimizer, build_scheduler
+from reslab.train.signals import StopSignals, TrainingStopped
+from reslab.train.state import TrainState
+
+AMP_NAMES = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}
+AUTO_SAVE_SECONDS = 60.0  # save_every_steps=0: a kill loses at most about this much training
 
 
-class EpochSeededLoader:
-    """Reseeds a loader's generator at each epoch from (seed, epoch, rank): resumable without saved state."""
+def fit(cfg: TrainConfig, *, resume: str | Path | None = None) -> dict[str, Any]:
+    """Train ``cfg.model`` on ``cfg.dataset``; returns the final results (also written to results.json).
 
-    def __init__(self, loader: TensorBatchLoader | FolderBatchLoader, seed: int, rank: int) -> None:
-        self.loader, self.seed, self.rank = loader, seed, rank
+    ``resume``: a ``last.pt`` to continue from, or ``"auto"`` for the run folder's newest good checkpoint
+    (a new run when there is none).
+    """
+    rt = runtime.setup(cfg.device, cfg.amp, cfg.channels_last)
+    try:
+        with StopSignals(announce=_announcer(rt)) as signals:
+            trainer = Trainer(cfg, rt, resume, signals)
+            try:
+                trainer.train()
+                return trainer.finish()
+            finally:
+                trainer.logger.close()
+    finally:
+        runtime.teardown()
 
-    def set_epoch(self, epoch: int) -> None:
-        if isinstance(self.loader, TensorBatchLoader):
-            self.loader.order_generator.manual_seed(self.seed * 100_003 + epoch)  # same order on every rank
-            self.loader.generator.manual_seed(self.seed * 100_003 + epoch * 1_009 + 7 * self.rank + 1)
-        else:
-            self.loader.epoch = epoch  # DistributedSampler's shuffle
-            self.loader.loader.generator.manual_seed(self.seed * 100_003 + epoch)  # RandomSampler, worker seeds
 
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        return iter(self.loader)
+def _announcer(rt: runtime.Runtime):
+    return print if rt.is_main else (lambda message: None)
 
 
 def _loaders(bundle: DataBundle, cfg: TrainConfig, rt: runtime.Runtime):
     info = bundle.info
-    common = dict(device=rt.device, channels_last=rt.channels_last, rank=rt.rank, world_size=rt.world_size)
+    common = dict(
+        device=rt.device, channels_last=rt.channels_last, seed=cfg.seed, rank=rt.rank, world_size=rt.world_size
+    )
     if bundle.in_memory:
         augment = Augment(crop_padding=cfg.crop_padding, flip=cfg.flip)
         train = TensorBatchLoader(bundle.train, info, batch_size=cfg.batch_size, train=True, augment=augment, **common)
@@ -74,314 +89,434 @@ def _loaders(bundle: DataBundle, cfg: TrainConfig, rt: runtime.Runtime):
             info.image_size[0], info.channels, info.mean, info.std, crop_padding=cfg.crop_padding, flip=cfg.flip
         )
         train = FolderBatchLoader(
-            bundle.train, batch_size=cfg.batch_size, train=True, num_workers=cfg.num_workers, seed=cfg.seed, **common
+            bundle.train, batch_size=cfg.batch_size, train=True, num_workers=cfg.num_workers, **common
         )
 
         def make_eval(split):
             return FolderBatchLoader(
-                split, batch_size=cfg.eval_batch_size, train=False, num_workers=cfg.num_workers, seed=cfg.seed, **common
+                split, batch_size=cfg.eval_batch_size, train=False, num_workers=cfg.num_workers, **common
             )
 
     if len(train) == 0:
         raise ReslabError(f"the training split has fewer images than one batch ({cfg.batch_size} per process)")
     val = make_eval(bundle.val) if bundle.val is not None else None
     test = make_eval(bundle.test) if bundle.test is not None else None
-    return EpochSeededLoader(train, cfg.seed, rt.rank), val, test
+    return train, val, test
 
 
-def _gather_rng_states(rt: runtime.Runtime) -> dict[str, list]:
-    """Every rank's global RNG states (CPU and CUDA), gathered to all ranks, indexed by rank."""
-    state = {"torch": torch.get_rng_state()}
-    if rt.device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(rt.device)
-    if not rt.distributed:
-        return {k: [v] for k, v in state.items()}
-    gathered: list[Any] = [None] * rt.world_size
-    dist.all_gather_object(gathered, state)
-    return {k: [g[k] for g in gathered] for k in state}
+class Trainer:
+    """One run: ``Trainer(...)`` sets it up (or restores it), ``train()`` runs the epochs, ``finish()`` tests."""
 
+    def __init__(self, cfg: TrainConfig, rt: runtime.Runtime, resume, signals: StopSignals) -> None:
+        self.wall_start = time.perf_counter()
+        # The config as it runs here: "auto" replaced by what this machine chose. Checkpoints store this one.
+        self.cfg = cfg = dataclasses.replace(
+            cfg, device=rt.device.type, amp=AMP_NAMES[rt.amp_dtype], channels_last=rt.channels_last
+        )
+        self.rt, self.signals, self.run_dir = rt, signals, cfg.run_dir()
+        # Under DDP, an error on any rank in these blocks ends every rank with that one error (runtime.py).
+        with runtime.shared_errors(rt):
+            self.resumed_from, ckpt = self._checkpoint_to_resume(resume)
+        runtime.seed_everything(cfg.seed + rt.rank)
+        self.bundle = self._load_data()
+        self.info = self.bundle.info
+        with runtime.shared_errors(rt):
+            self.state = self._build_state()
+            if ckpt is not None:
+                self.state.load_state_dict(ckpt)
+                self.state.stopped_early &= cfg.patience > 0  # early stopping ended it; without patience, go on
+                runtime.restore_rng_states(ckpt["rng"], rt)
+        self.model = self._wrap(self.state.model)  # DDP's constructor is a collective: outside the blocks
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.max_loss = cfg.max_loss or 100 * math.log(max(self.info.num_classes, 2))
+        self.save_every = cfg.save_every_steps  # 0: decided after the first steps (_decide_save_interval)
+        with runtime.shared_errors(rt):
+            self.logger = self._make_logger(fresh=ckpt is None)
+            self._announce()
 
-def _restore_rng_states(states: dict[str, list], rt: runtime.Runtime) -> None:
-    if len(states.get("torch", [])) != rt.world_size:
-        return  # a different number of processes: keep the fresh seeds
-    torch.set_rng_state(states["torch"][rt.rank])
-    if rt.device.type == "cuda" and "cuda" in states:
-        torch.cuda.set_rng_state(states["cuda"][rt.rank], rt.device)
-
-
-def _check_resumable(ckpt: dict, cfg: TrainConfig, path: str | Path) -> None:
-    if not {"optimizer", "scheduler", "rng", "best"} <= set(ckpt):
-        raise ReslabError(f"{path} holds a model, not a training state; resume from the run's last.pt")
-    saved = ckpt["config"]
-    for key, value in cfg.to_dict().items():
-        if key not in RESUMABLE_OVERRIDES and key != "overwrite" and saved.get(key) != value:
+    # --- setup -------------------------------------------------------------------------------------------
+    def _checkpoint_to_resume(self, resume) -> tuple[Path | None, dict | None]:
+        if self.rt.is_main:
+            for path in clean_stale_temp_files(self.run_dir):
+                print(f"removed {path}, left by a run killed while saving")
+        if resume is not None:
+            path, ckpt, messages = resolve_resume(str(resume), self.run_dir)
+            for message in messages:
+                _announcer(self.rt)(message)
+            if ckpt is not None:
+                check_resumable(ckpt["config"], self.cfg)
+                self._set_aside_damaged(path)
+                return path, ckpt
+        if (self.run_dir / "last.pt").exists() and not self.cfg.overwrite:
             raise ReslabError(
-                f"cannot resume: the checkpoint has {key}={saved.get(key)!r}, this run {value!r} "
-                f"(a resumed run may change only {', '.join(RESUMABLE_OVERRIDES)})"
+                f"{self.run_dir} already holds a run; continue it with --resume auto (or --resume "
+                f"{self.run_dir / 'last.pt'}), or pass --out-dir NEW or --overwrite"
+            )
+        return None, None
+
+    def _set_aside_damaged(self, resumed: Path) -> None:
+        """Resuming from last.prev.pt because last.pt is damaged: keep that good file as the next save's backup."""
+        last = self.run_dir / "last.pt"
+        if self.rt.is_main and last.exists() and Path(resumed).resolve() == previous_path(last).resolve():
+            last.replace(self.run_dir / "last.damaged.pt")
+            print(f"moved the damaged {last} to {self.run_dir / 'last.damaged.pt'}")
+
+    def _load_data(self) -> DataBundle:
+        cfg = self.cfg
+
+        def load() -> DataBundle:
+            return load_dataset(
+                cfg.dataset,
+                data_dir=cfg.data_dir,
+                val_ratio=cfg.val_ratio,
+                seed=cfg.seed,
+                download=cfg.download,
+                image_size=cfg.image_size,
+                in_chans=cfg.in_chans,
+                on_bad_image=cfg.on_bad_image,
+                max_image_pixels=cfg.max_image_pixels,
             )
 
+        bundle = runtime.on_every_rank(load, self.rt)  # a user error on one rank ends every rank alike
+        with runtime.shared_errors(self.rt):
+            if bundle.bad_files and self.rt.is_main:
+                from reslab.data.verify import write_bad_images
 
-AMP_NAMES = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}
+                listing = write_bad_images(bundle.bad_files, self.run_dir)
+                print(f"skipped {len(bundle.bad_files)} unreadable image(s), listed in {listing}")
+        return bundle
 
-
-def fit(cfg: TrainConfig, *, resume: str | Path | None = None) -> dict[str, Any]:
-    """Train ``cfg.model`` on ``cfg.dataset``; returns the final results (also written to results.json)."""
-    rt = runtime.setup(cfg.device, cfg.amp, cfg.channels_last)
-    try:
-        return _fit(cfg, rt, resume)
-    finally:
-        runtime.teardown()
-
-
-def _fit(cfg: TrainConfig, rt: runtime.Runtime, resume: str | Path | None) -> dict[str, Any]:
-    wall_start = time.perf_counter()
-    # The config as it runs here: "auto" replaced by what this machine chose. Checkpoints store this one.
-    cfg = dataclasses.replace(cfg, device=rt.device.type, amp=AMP_NAMES[rt.amp_dtype], channels_last=rt.channels_last)
-    run_dir = cfg.run_dir()
-    ckpt = load_checkpoint(resume) if resume else None
-    if ckpt is not None:
-        _check_resumable(ckpt, cfg, resume)
-    elif (run_dir / "last.pt").exists() and not cfg.overwrite:
-        raise ReslabError(
-            f"{run_dir} already holds a run; continue it with --resume {run_dir / 'last.pt'}, "
-            "or pass --out-dir NEW or --overwrite"
+    def _build_state(self) -> TrainState:
+        cfg, rt, info = self.cfg, self.rt, self.info
+        model_args = {"num_classes": info.num_classes, "in_chans": info.channels, **cfg.model_args}
+        model = create_model(cfg.model, **model_args)
+        model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
+        optimizer = build_optimizer(model, cfg)
+        self.train_loader, self.val_loader, self.test_loader = _loaders(self.bundle, cfg, rt)
+        return TrainState(
+            model=model,
+            optimizer=optimizer,
+            scheduler=build_scheduler(optimizer, cfg, len(self.train_loader)),
+            scaler=torch.amp.GradScaler(rt.device.type) if rt.amp_dtype == torch.float16 else None,
+            meter=EpochMeter(rt.device),
+            tracker=GradNormTracker(model),
         )
-    runtime.seed_everything(cfg.seed + rt.rank)
 
-    # Data: rank 0 may download; the others wait, then read the same files.
-    if rt.distributed and not rt.is_main:
-        dist.barrier()
-    bundle = load_dataset(
-        cfg.dataset,
-        data_dir=cfg.data_dir,
-        val_ratio=cfg.val_ratio,
-        seed=cfg.seed,
-        download=cfg.download,
-        image_size=cfg.image_size,
-        in_chans=cfg.in_chans,
-    )
-    if rt.distributed and rt.is_main:
-        dist.barrier()
-    info = bundle.info
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.rt.distributed:
+            ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return torch.compile(model) if self.cfg.compile else model
 
-    # Model.
-    model_args = {"num_classes": info.num_classes, "in_chans": info.channels, **cfg.model_args}
-    raw_model = create_model(cfg.model, **model_args)
-    memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
-    raw_model.to(rt.device, memory_format=memory_format)
-    optimizer = build_optimizer(raw_model, cfg)
-    train_loader, val_loader, test_loader = _loaders(bundle, cfg, rt)
-    scheduler = build_scheduler(optimizer, cfg, len(train_loader))
-    scaler = torch.amp.GradScaler(rt.device.type) if rt.amp_dtype == torch.float16 else None
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-
-    best: dict[str, Any] = {"accuracy": -1.0, "epoch": -1, "state": None}
-    history: list[dict] = []
-    grad_norms: list[dict] = []  # per epoch: {"epoch": e, "norms": {parameter: mean L2 norm of its gradient}}
-    start_epoch = 0
-    if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        best, history, start_epoch = ckpt["best"], ckpt["history"], ckpt["epoch"] + 1
-        grad_norms = ckpt.get("grad_norms", [])
-        if ckpt.get("stopped_early") and cfg.patience:
-            start_epoch = cfg.epochs  # early stopping already ended this run: only the final evaluation is left
-        _restore_rng_states(ckpt["rng"], rt)
-
-    model: nn.Module = raw_model
-    if rt.distributed:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None
+    def _make_logger(self, *, fresh: bool) -> RunLogger:
+        if fresh and self.rt.is_main:  # a new run (maybe --overwrite): no curves of an older run in its TensorBoard
+            shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
+        return RunLogger(
+            self.run_dir,
+            enabled=self.rt.is_main,
+            quiet=self.cfg.quiet,
+            hist_every=self.cfg.hist_every,
+            history=self.state.history,
+            grad_norms=self.state.grad_norms,
+            start_step=self.state.global_step(len(self.train_loader)),
         )
-    if cfg.compile:
-        model = torch.compile(model)
 
-    if ckpt is None and rt.is_main:  # a new run (maybe --overwrite): no curves of an older run in its TensorBoard
-        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
-    logger = RunLogger(
-        run_dir,
-        enabled=rt.is_main,
-        quiet=cfg.quiet,
-        hist_every=cfg.hist_every,
-        history=history,
-        grad_norms=grad_norms,
-        start_epoch=start_epoch,
-    )
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    amp_name = "float32" if cfg.amp == "off" else cfg.amp
-    n_val, n_test = (len(s) if s is not None else 0 for s in (bundle.val, bundle.test))
-    logger.print(
-        f"{cfg.model} ({n_params / 1e6:.2f}M params) on {info.name}: "
-        f"{len(bundle.train)} train / {n_val} val / {n_test} test images; "
-        f"{rt.device.type} x{rt.world_size}, {amp_name}, "
-        f"{'channels-last' if rt.channels_last else 'channels-first'}{', compiled' if cfg.compile else ''}"
-    )
-    if ckpt is not None:
-        logger.print(f"resumed from {resume} after epoch {start_epoch}")
-    logger.log_text("config", "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```")
-    mean = torch.tensor(info.mean)
-    std = torch.tensor(info.std)
+    def _announce(self) -> None:
+        cfg, rt, info, bundle = self.cfg, self.rt, self.info, self.bundle
+        n_params = sum(p.numel() for p in self.state.model.parameters())
+        n_val, n_test = (len(s) if s is not None else 0 for s in (bundle.val, bundle.test))
+        self.logger.print(
+            f"{cfg.model} ({n_params / 1e6:.2f}M params) on {info.name}: "
+            f"{len(bundle.train)} train / {n_val} val / {n_test} test images; "
+            f"{rt.device.type} x{rt.world_size}, {'float32' if cfg.amp == 'off' else cfg.amp}, "
+            f"{'channels-last' if rt.channels_last else 'channels-first'}{', compiled' if cfg.compile else ''}"
+        )
+        if self.resumed_from is not None:
+            st = self.state
+            self.logger.print(f"resumed from {self.resumed_from} at step {st.step} of epoch {st.epoch + 1}")
+        self.logger.log_text("config", "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```")
 
-    def checkpoint(epoch: int, *, full: bool, weights: dict | None = None) -> dict[str, Any]:
-        ckpt_out = {
-            "format": FORMAT,
-            "model_name": cfg.model,
-            "model_config": raw_model.config,
-            "dataset": dataclasses.asdict(info),
-            "config": cfg.to_dict(),
+    # --- the loop ----------------------------------------------------------------------------------------
+    def train(self) -> None:
+        try:
+            while self.state.epoch < self.cfg.epochs and not self.state.stopped_early:
+                self._train_epoch()
+                self._end_epoch()
+        except TrainingStopped:
+            raise
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now, with no new checkpoint
+            self.logger.end_epoch()
+            saved = self._saved_hint()
+            if self.rt.is_main and saved:
+                print(f"interrupted; {saved}")
+            raise
+
+    def _train_epoch(self) -> None:
+        st, steps = self.state, len(self.train_loader)
+        self.train_loader.set_epoch(st.epoch, st.step)
+        self.logger.start_epoch(st.epoch, self.cfg.epochs, steps, done=st.step)
+        recent_losses: list[float] = []
+        started, images = time.perf_counter(), 0
+        for x, y in self.train_loader:
+            loss, stop = self._step(x, y)
+            st.step += 1
+            now = time.perf_counter()
+            st.epoch_seconds += now - started
+            images += len(x) * self.rt.world_size
+            recent_losses.append(loss)
+            if st.global_step(steps) % self.cfg.log_every_steps == 0:  # the same steps whether resumed or not
+                lr = st.optimizer.param_groups[0]["lr"]
+                self.logger.log_step(st.global_step(steps), sum(recent_losses) / len(recent_losses), lr)
+                recent_losses.clear()
+            self.logger.step(images, loss)
+            if stop:
+                self._save_last()
+                self._stopped()
+            if st.step < steps and self._save_due():
+                self._save_last()
+            started = time.perf_counter()  # a checkpoint's writing time is not training time
+        self.logger.end_epoch()
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, bool]:
+        """One checked training step; returns (its loss, whether a stop was asked for on any rank)."""
+        st, rt = self.state, self.rt
+        loss, logits = forward_backward(
+            self.model, x, y, self.loss_fn, st.optimizer, device=rt.device, amp_dtype=rt.amp_dtype, scaler=st.scaler
+        )
+        norms = st.tracker.norms()
+        total_norm = norms.sum() if norms is not None else torch.zeros((), device=rt.device)
+        loss_value, norm_value = torch.stack([loss.detach().float(), total_norm]).tolist()  # the step's one sync
+        finite_grads = math.isfinite(norm_value)
+        # fp16's loss scaler skips steps with overflowing gradients by design; everywhere else they are divergence.
+        bad = not math.isfinite(loss_value) or loss_value > self.max_loss or (st.scaler is None and not finite_grads)
+        bad, stop = self._agree(bad, bool(self.signals.requested))
+        if bad:
+            with runtime.shared_errors(rt):
+                self._diverged(x, y, loss_value)
+        if norms is not None and finite_grads:
+            st.tracker.add(norms)
+        st.meter.add(loss, logits, y)
+        optimizer_step(st.optimizer, st.scheduler, st.scaler)
+        if not self.rt.distributed:  # a signal that came during this step stops after it (under DDP, after the next)
+            stop = bool(self.signals.requested)
+        if st.epoch == 0 and st.step == 0:
+            self.logger.log_images(x, torch.tensor(self.info.mean), torch.tensor(self.info.std), 0)
+        return loss_value, stop
+
+    def _agree(self, *flags: bool) -> tuple[bool, ...]:
+        """Under DDP every rank must stop at the same step: a flag raised on any rank holds on all."""
+        if not self.rt.distributed:
+            return flags
+        votes = torch.tensor([float(f) for f in flags], device=self.rt.device)
+        return tuple(v > 0 for v in runtime.all_reduce_sum(votes).tolist())
+
+    def _save_due(self) -> bool:
+        if not self.save_every:
+            self.save_every = self._decide_save_interval()
+        return bool(self.save_every) and self.state.step % self.save_every == 0
+
+    def _decide_save_interval(self) -> int:
+        """save_every_steps=0: after 5 steps of this process, the number of steps in about a minute."""
+        self._timed_steps = getattr(self, "_timed_steps", 0) + 1
+        if self._timed_steps < 5:
+            return 0
+        seconds_per_step = self.state.epoch_seconds / max(self.state.step, 1)
+        steps = max(1, round(AUTO_SAVE_SECONDS / max(seconds_per_step, 1e-6)))
+        if self.rt.distributed:  # the same interval on every rank: saving gathers RNG states from all of them
+            steps = int(runtime.all_reduce_sum(torch.tensor(float(steps), device=self.rt.device)) / self.rt.world_size)
+        return max(steps, 1)
+
+    def _end_epoch(self) -> None:
+        st, cfg, info = self.state, self.cfg, self.info
+        epoch, steps = st.epoch, len(self.train_loader)
+        train = st.meter.result()
+        val = None
+        if self.val_loader is not None:
+            val = evaluate(
+                self.model,
+                self.val_loader,
+                num_classes=info.num_classes,
+                device=self.rt.device,
+                amp_dtype=self.rt.amp_dtype,
+            )
+        with runtime.shared_errors(self.rt):
+            self._check_finite(f"after epoch {epoch + 1}", val.loss if val else train.loss)
+        # Without a validation split nothing is selected: the last epoch is the model.
+        improved = val is None or val.accuracy > st.best["accuracy"]
+        if improved:
+            st.remember_best(val.accuracy if val is not None else train.accuracy)
+        record = {
             "epoch": epoch,
-            "model": weights if weights is not None else raw_model.state_dict(),
-            "history": history,
-            "grad_norms": grad_norms,
+            "train_loss": train.loss,
+            "train_acc": train.accuracy,
+            "val_loss": val.loss if val else None,
+            "val_acc": val.accuracy if val else None,
+            "lr": st.optimizer.param_groups[0]["lr"],
+            "train_images": train.images,
+            "seconds": round(st.epoch_seconds, 3),
+            "images_per_second": round(train.images / max(st.epoch_seconds, 1e-9), 1),
         }
-        if full:
-            ckpt_out.update(
-                optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(),
-                scaler=scaler.state_dict() if scaler is not None else None,
-                best=best,
-                rng=rng_states,
+        st.history.append(record)
+        st.grad_norms.append({"epoch": epoch, "norms": st.tracker.pop()})
+        with runtime.shared_errors(self.rt):  # rank 0 writes; a full disk there must end every rank
+            self.logger.log_epoch(record, (epoch + 1) * steps)
+            self.logger.log_model(st.model, st.grad_norms[-1], (epoch + 1) * steps)
+        val_text = f"val loss {val.loss:.4f} acc {val.accuracy:.2%}" if val else "no validation split"
+        self.logger.print(
+            f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {train.loss:.4f} acc {train.accuracy:.2%}  "
+            f"{val_text}  {record['images_per_second']:.0f} img/s  {st.epoch_seconds:.1f}s"
+            + ("  *" if improved else "")
+        )
+        st.finish_epoch()
+        if cfg.patience and epoch - st.best["epoch"] >= cfg.patience:
+            self.logger.print(
+                f"early stopping: no better validation accuracy for {cfg.patience} epochs; "
+                f"best was epoch {st.best['epoch'] + 1} ({st.best['accuracy']:.2%})"
             )
-        else:
-            ckpt_out.update(best={k: v for k, v in best.items() if k != "state"})
-        return ckpt_out
+            st.stopped_early = True
+        self._save_last()
+        with runtime.shared_errors(self.rt):
+            if improved and self.rt.is_main:
+                atomic_save(self._model_checkpoint(st.best["epoch"], st.best["state"]), self.run_dir / "best.pt")
+        if self._agree(bool(self.signals.requested))[0]:
+            self._stopped()
 
-    stopped_early = bool(ckpt and ckpt.get("stopped_early") and cfg.patience)
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            train_loader.set_epoch(epoch)
-            tracker = GradNormTracker(raw_model)
-            logger.start_epoch(epoch, cfg.epochs, len(train_loader))
-            images_seen = 0
+    # --- checkpoints -------------------------------------------------------------------------------------
+    def _header(self) -> dict[str, Any]:
+        """What every checkpoint says about itself, so eval, predict and resume rebuild the exact run."""
+        return {
+            "format": FORMAT,
+            "model_name": self.cfg.model,
+            "model_config": self.state.model.config,
+            "dataset": dataclasses.asdict(self.info),
+            "config": self.cfg.to_dict(),
+        }
 
-            def on_step(
-                step: int, x: torch.Tensor, loss: torch.Tensor, epoch: int = epoch, tracker: GradNormTracker = tracker
-            ) -> None:
-                nonlocal images_seen
-                images_seen += len(x) * rt.world_size
-                tracker.update()
-                if step == 0 and epoch == 0:
-                    logger.log_images(x, mean, std, epoch)
-                logger.step(images_seen, loss.item() if step % 10 == 0 else None)
+    def _model_checkpoint(self, epoch: int, weights: dict) -> dict[str, Any]:
+        st = self.state
+        best = {k: v for k, v in st.best.items() if k != "state"}
+        return {
+            **self._header(),
+            "epoch": epoch,
+            "model": weights,
+            "history": st.history,
+            "grad_norms": st.grad_norms,
+            "best": best,
+        }
 
-            t0 = time.perf_counter()
-            train = train_one_epoch(
-                model,
-                train_loader,
-                optimizer,
-                scheduler,
-                loss_fn,
+    def _save_last(self) -> None:
+        """Write the whole state to last.pt (the previous one becomes last.prev.pt). A collective under DDP."""
+        rng = runtime.gather_rng_states(self.rt)
+        with runtime.shared_errors(self.rt):
+            self._check_finite("before saving", 0.0)
+            if self.rt.is_main:
+                state = {**self._header(), **self.state.state_dict(), "rng": rng}
+                atomic_save(state, self.run_dir / "last.pt", keep_previous=True)
+
+    def _saved_hint(self) -> str:
+        """Where the saved work is: only files that exist."""
+        last, best = self.run_dir / "last.pt", self.run_dir / "best.pt"
+        parts = []
+        if last.exists():
+            parts.append(f"the last good state is in {last}: continue with `reslab train --resume {last}`")
+        if best.exists():
+            parts.append(f"the best model so far is {best}")
+        return "; ".join(parts)
+
+    def _stopped(self) -> None:
+        st, name = self.state, self.signals.name or "a signal on another rank"
+        where = f"step {st.step} of epoch {st.epoch + 1}" if st.step else f"the end of epoch {st.epoch}"
+        message = (
+            f"stopped by {name} at {where}; saved {self.run_dir / 'last.pt'}; "
+            f"continue with `reslab train --resume auto --out-dir {self.run_dir}`"
+        )
+        self.logger.end_epoch()
+        if self.rt.is_main:
+            print(message)
+        raise TrainingStopped(message, self.signals.requested or 15)
+
+    # --- divergence --------------------------------------------------------------------------------------
+    def _check_finite(self, when: str, loss: float) -> None:
+        """A non-finite weight, BatchNorm statistic or validation loss ends the run before anything is saved."""
+        bad = nonfinite_entries(self.state.model)
+        if not bad and math.isfinite(loss):
+            return
+        what = f"{bad[0]} holds non-finite values" if bad else f"the validation loss is {loss}"
+        raise ReslabError(f"training diverged {when}: {what}; nothing of it was saved. {self._restart_hint()}")
+
+    def _diverged(self, x: torch.Tensor, y: torch.Tensor, loss: float) -> None:
+        st, rt = self.state, self.rt
+        try:
+            scale = st.scaler.get_scale() if st.scaler is not None else 1.0  # fp16 overflowed at this scale
+            found = diagnose(
+                st.model,
+                x,
+                y,
+                self.loss_fn,
+                amp_dtype=rt.amp_dtype,
+                device_type=rt.device.type,
+                grad_scale=scale,
+                max_loss=self.max_loss,
+            ).message
+        except Exception as err:  # the replay itself failed (out of memory, say): the divergence is still the news
+            found = f"replaying the batch to find the layer failed ({type(err).__name__})"
+        limit = f" (above --max-loss {self.max_loss:.3g})" if math.isfinite(loss) and loss > self.max_loss else ""
+        raise ReslabError(
+            f"training diverged at step {st.step + 1} of epoch {st.epoch + 1}: the loss was {loss:.4g}{limit}; "
+            f"{found}. {self._restart_hint()}"
+        )
+
+    def _restart_hint(self) -> str:
+        saved = self._saved_hint()
+        return (
+            f"Lower --lr (or add --warmup-epochs) and start again; {saved}" if saved else "Lower --lr and start again"
+        )
+
+    # --- finish ------------------------------------------------------------------------------------------
+    def finish(self) -> dict[str, Any]:
+        """Test the best model (early stopping keeps it), write results.json and the final best.pt."""
+        st, cfg, info, rt = self.state, self.cfg, self.info, self.rt
+        if st.best["state"] is not None:
+            st.model.load_state_dict(st.best["state"])
+        test = None
+        if self.test_loader is not None:
+            test = evaluate(
+                self.model,
+                self.test_loader,
+                num_classes=info.num_classes,
                 device=rt.device,
                 amp_dtype=rt.amp_dtype,
-                scaler=scaler,
-                on_step=on_step,
+                tta_flip=cfg.tta_flip,
             )
-            train_seconds = time.perf_counter() - t0
-            if not math.isfinite(train.loss):
-                raise ReslabError(
-                    f"the training loss became {train.loss} in epoch {epoch + 1}; lower --lr (the last good epoch "
-                    f"is in {run_dir / 'last.pt'})"
-                )
-            logger.end_epoch()
-            val = (
-                evaluate(model, val_loader, num_classes=info.num_classes, device=rt.device, amp_dtype=rt.amp_dtype)
-                if val_loader is not None
-                else None
-            )
-            # Without a validation split nothing is selected: the last epoch is the model.
-            metric = val.accuracy if val is not None else train.accuracy
-            improved = metric > best["accuracy"] if val is not None else True
-            if improved:
-                best = {
-                    "accuracy": metric,
-                    "epoch": epoch,
-                    "state": {k: v.detach().to("cpu", copy=True) for k, v in raw_model.state_dict().items()},
-                }
-            record = {
-                "epoch": epoch,
-                "train_loss": train.loss,
-                "train_acc": train.accuracy,
-                "val_loss": val.loss if val else None,
-                "val_acc": val.accuracy if val else None,
-                "lr": optimizer.param_groups[0]["lr"],
-                "train_images": train.images,
-                "seconds": round(train_seconds, 3),
-                "images_per_second": round(train.images / train_seconds, 1),
-            }
-            history.append(record)
-            logger.log_epoch(record)
-            grad_norms.append({"epoch": epoch, "norms": tracker.pop()})
-            logger.log_model(raw_model, grad_norms[-1])
-            val_text = f"val loss {val.loss:.4f} acc {val.accuracy:.2%}" if val else "no validation split"
-            logger.print(
-                f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {train.loss:.4f} acc {train.accuracy:.2%}  "
-                f"{val_text}  {record['images_per_second']:.0f} img/s  {train_seconds:.1f}s"
-                + ("  *" if improved else "")
-            )
-            rng_states = _gather_rng_states(rt)
+        results = {
+            "model": cfg.model,
+            "dataset": info.name,
+            "epochs_run": len(st.history),
+            "stopped_early": st.stopped_early,
+            "best_epoch": st.best["epoch"] + 1,
+            "best_val_acc": st.best["accuracy"] if self.val_loader is not None else None,
+            "test_acc": test.accuracy if test else None,
+            "test_loss": test.loss if test else None,
+            "test_per_class_acc": dict(zip(info.classes, test.per_class_accuracy, strict=True)) if test else None,
+            "train_seconds": round(sum(r["seconds"] for r in st.history), 2),
+            "wall_seconds": round(time.perf_counter() - self.wall_start, 2),
+            "device": f"{rt.device.type} x{rt.world_size}",
+            "amp": "float32" if cfg.amp == "off" else cfg.amp,
+            "channels_last": rt.channels_last,
+            "run_dir": str(self.run_dir),
+        }
+        with runtime.shared_errors(rt):
             if rt.is_main:
-                atomic_save(checkpoint(epoch, full=True), run_dir / "last.pt")
-                if improved:
-                    atomic_save(checkpoint(epoch, full=False, weights=best["state"]), run_dir / "best.pt")
-            if cfg.patience and epoch - best["epoch"] >= cfg.patience:
-                logger.print(
-                    f"early stopping: no better validation accuracy for {cfg.patience} epochs; "
-                    f"best was epoch {best['epoch'] + 1} ({best['accuracy']:.2%})"
-                )
-                stopped_early = True
-                if rt.is_main:
-                    atomic_save({**checkpoint(epoch, full=True), "stopped_early": True}, run_dir / "last.pt")
-                break
-    except KeyboardInterrupt:
-        logger.close()
-        if rt.is_main and (run_dir / "last.pt").exists():
-            print(
-                f"interrupted: the last completed epoch is saved; resume with "
-                f"`reslab train --resume {run_dir / 'last.pt'}`"
-            )
-        raise
+                self._write_results(results, test)
+        return results
 
-    # Early stopping keeps the best model: restore it before the final evaluation.
-    if best["state"] is not None:
-        raw_model.load_state_dict(best["state"])
-    test = (
-        evaluate(
-            model,
-            test_loader,
-            num_classes=info.num_classes,
-            device=rt.device,
-            amp_dtype=rt.amp_dtype,
-            tta_flip=cfg.tta_flip,
-        )
-        if test_loader is not None
-        else None
-    )
-    results = {
-        "model": cfg.model,
-        "dataset": info.name,
-        "epochs_run": len(history),
-        "stopped_early": stopped_early,
-        "best_epoch": best["epoch"] + 1,
-        "best_val_acc": best["accuracy"] if val_loader is not None else None,
-        "test_acc": test.accuracy if test else None,
-        "test_loss": test.loss if test else None,
-        "test_per_class_acc": dict(zip(info.classes, test.per_class_accuracy, strict=True)) if test else None,
-        "train_seconds": round(sum(r["seconds"] for r in history), 2),
-        "wall_seconds": round(time.perf_counter() - wall_start, 2),
-        "device": f"{rt.device.type} x{rt.world_size}",
-        "amp": amp_name,
-        "channels_last": rt.channels_last,
-        "run_dir": str(run_dir),
-    }
-    if rt.is_main:
-        final = checkpoint(best["epoch"], full=False, weights=raw_model.state_dict())
-        final["results"] = results
-        atomic_save(final, run_dir / "best.pt")
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    def _write_results(self, results: dict, test) -> None:
+        """Rank 0: the final best.pt (with the results in it) and results.json."""
+        st = self.state
+        final = self._model_checkpoint(st.best["epoch"], st.model.state_dict())
+        atomic_save({**final, "results": results}, self.run_dir / "best.pt")
+        (self.run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         if test:
-            logger.print(f"test accuracy {test.accuracy:.2%} (best epoch {best['epoch'] + 1}); run folder {run_dir}")
-    logger.close()
-    return results
+            self.logger.print(
+                f"test accuracy {test.accuracy:.2%} (best epoch {st.best['epoch'] + 1}); run folder {self.run_dir}"
+            )

@@ -1,0 +1,86 @@
+"""The whole state of a training run in one object that saves and restores itself.
+
+Model, optimizer, scheduler, loss scaler, where the run is (epoch and step), the partial sums of the epoch in
+progress, the best model so far and the history. With the global random-number states (gathered by the
+trainer, one per rank) this is everything a run needs to continue from any step exactly as if it had never
+stopped: the data of a step is a function of (seed, epoch, step), see ``reslab.data.loaders``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from reslab.train.checkpoint import progress_of
+from reslab.train.engine import EpochMeter
+from reslab.train.logging import GradNormTracker
+
+
+def _no_best() -> dict[str, Any]:
+    return {"accuracy": -1.0, "epoch": -1, "state": None}
+
+
+@dataclass
+class TrainState:
+    model: nn.Module  # the raw model, not its DDP or compiled wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    meter: EpochMeter  # the epoch in progress: summed loss and correct predictions
+    tracker: GradNormTracker  # the epoch in progress: summed gradient norms
+    epoch: int = 0  # the epoch in progress, or the next one to start
+    step: int = 0  # steps of that epoch already done
+    epoch_seconds: float = 0.0  # training time of the epoch in progress, summed over resumes
+    best: dict[str, Any] = field(default_factory=_no_best)  # accuracy, epoch, state (CPU copy of the weights)
+    history: list[dict] = field(default_factory=list)  # one record per finished epoch (metrics.jsonl)
+    grad_norms: list[dict] = field(default_factory=list)  # per epoch: {"epoch": e, "norms": {param: mean norm}}
+    stopped_early: bool = False
+
+    def global_step(self, steps_per_epoch: int) -> int:
+        return self.epoch * steps_per_epoch + self.step
+
+    def remember_best(self, accuracy: float) -> None:
+        """The weights now are the best so far (with this validation accuracy); kept as a CPU copy."""
+        state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        self.best = {"accuracy": accuracy, "epoch": self.epoch, "state": state}
+
+    def finish_epoch(self) -> None:
+        self.epoch, self.step, self.epoch_seconds = self.epoch + 1, 0, 0.0
+        self.meter.reset()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What ``last.pt`` holds besides the run's description and the random-number states."""
+        return {
+            "progress": {"epoch": self.epoch, "step": self.step},
+            "epoch": self.epoch - 1,  # the last finished epoch (-1: none yet)
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "meter": self.meter.state_dict(),
+            "tracker": self.tracker.state_dict(),
+            "epoch_seconds": self.epoch_seconds,
+            "best": self.best,
+            "history": self.history,
+            "grad_norms": self.grad_norms,
+            "stopped_early": self.stopped_early,
+        }
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        """Continue from a ``last.pt``; one written before mid-epoch checkpoints existed resumes at its epoch's end."""
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.step = progress_of(ckpt)
+        if "meter" in ckpt:
+            self.meter.load_state_dict(ckpt["meter"])
+            self.tracker.load_state_dict(ckpt["tracker"])
+        self.epoch_seconds = ckpt.get("epoch_seconds", 0.0)
+        self.best, self.history = ckpt["best"], ckpt["history"]
+        self.grad_norms = ckpt.get("grad_norms", [])
+        self.stopped_early = bool(ckpt.get("stopped_early"))
