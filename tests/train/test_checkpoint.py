@@ -237,21 +237,13 @@ def test_progress_of_old_and_new_checkpoints():
     assert progress_of(_state(2, progress=(2, 50))) == (2, 50)  # 50 steps into epoch 2
 
 
-@pytest.mark.parametrize(
-    ("last", "prev", "expected"),
-    [
-        (_state(2), _state(1), "last.pt"),
-        (_state(2, progress=(2, 40)), _state(1), "last.pt"),  # (2, 40) beats epoch 1 finished, (2, 0)
-        (_state(1, progress=(1, 10)), _state(1), "last.prev.pt"),  # epoch 1 finished beats 10 steps into it
-        (_state(2), _state(2), "last.pt"),  # a tie keeps the newest file
-    ],
-)
-def test_resume_auto_picks_the_most_progressed(tmp_path, last, prev, expected):
-    atomic_save(prev, tmp_path / "last.prev.pt")
-    atomic_save(last, tmp_path / "last.pt")
+def test_resume_auto_takes_last_whenever_it_loads(tmp_path):
+    """last.pt is the newest state even when last.prev.pt shows more progress: after --overwrite, the file
+    rotated into last.prev.pt belongs to the run before."""
+    atomic_save(_state(5), tmp_path / "last.prev.pt")  # an older run, further along
+    atomic_save(_state(0, progress=(0, 10)), tmp_path / "last.pt")
     path, ckpt, messages = resolve_resume("auto", tmp_path)
-    assert path == tmp_path / expected and messages == []
-    assert progress_of(ckpt) == max(progress_of(last), progress_of(prev))
+    assert path == tmp_path / "last.pt" and progress_of(ckpt) == (0, 10) and messages == []
 
 
 @pytest.mark.parametrize("kind", ["garbage", "truncated", "empty"])
@@ -303,3 +295,22 @@ def test_resume_explicit_folder_or_model_only_is_refused(tmp_path):
     refused = r"best\.pt holds a model, not a training state; resume from the run's last\.pt"
     with pytest.raises(ReslabError, match=refused):
         resolve_resume(str(tmp_path / "best.pt"), tmp_path)
+
+
+def test_a_ctrl_c_between_the_renames_waits_until_the_new_checkpoint_is_in_place(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    atomic_save(_state(1), path)
+    real = os.replace
+    calls = {"n": 0}
+
+    def replace_then_interrupted(src, dst):
+        calls["n"] += 1
+        real(src, dst)
+        if calls["n"] == 1:  # after last.pt became last.prev.pt, before the new one is last.pt
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(checkpoint.os, "replace", replace_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):  # delivered once both renames are done
+        atomic_save(_state(2), path, keep_previous=True)
+    assert calls["n"] == 2 and progress_of(load_checkpoint(path)) == (3, 0)
+    assert progress_of(load_checkpoint(checkpoint.previous_path(path))) == (2, 0)

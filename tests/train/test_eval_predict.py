@@ -111,11 +111,19 @@ def run_cli(*args, env=None):
         (["train", "--out-dir", "/proc/x", "--dataset", "synthetic", "--epochs", "1"], "/proc/x"),
     ],
 )
-def test_user_errors_are_one_line(args, message, tmp_path):
-    result = run_cli(*args, env={"RESLAB_DATA": str(tmp_path)})
+def test_user_errors_are_one_line(args, message, tmp_path, monkeypatch, capsys):
+    # In this process (each `python -m reslab` costs seconds of imports here); the test below runs a real one.
+    monkeypatch.setenv("RESLAB_DATA", str(tmp_path))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("reslab: error: ") and err.count("\n") == 1 and message in err
+
+
+def test_a_user_error_in_a_real_process_is_one_line_and_status_2(tmp_path):
+    result = run_cli("train", "--dataset", "cifar10", "--no-download", env={"RESLAB_DATA": str(tmp_path)})
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
-    assert message in result.stderr
+    assert "cifar10: cifar-10-batches-py" in result.stderr
 
 
 def test_unknown_recipe_key_suggests_the_right_one(tmp_path):

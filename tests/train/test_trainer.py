@@ -241,8 +241,9 @@ def test_tensorboard_holds_scalars_histograms_and_images(tiny_config):
     assert val_acc == pytest.approx([r["val_acc"] for r in history])
 
 
-@pytest.mark.parametrize("schedule", ["step", "cosine", "onecycle", "constant"])
-@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize(  # every optimizer and every schedule at least once (not all 12 pairs: minutes here)
+    ("optimizer", "schedule"), [("sgd", "step"), ("adam", "cosine"), ("adamw", "onecycle"), ("sgd", "constant")]
+)
 def test_every_optimizer_and_schedule_trains(tiny_config, optimizer, schedule):
     lr = 0.05 if optimizer == "sgd" else 2e-3
     results = fit(
@@ -292,3 +293,30 @@ def test_trains_on_an_image_folder(tmp_path):
     assert f"{empty}\tempty file (0 bytes)" in listing and f"{text}\tnot an image" in listing
     best = load_checkpoint(tmp_path / "run" / "best.pt")
     assert best["dataset"]["classes"] == ["cat", "dog", "fish"] and best["dataset"]["image_size"] == (16, 16)
+
+
+def test_resuming_on_changed_data_is_refused(tmp_path, signal_at_step):
+    from reslab.train import TrainConfig
+    from tests.data.fixtures import write_image_folder
+
+    write_image_folder(tmp_path / "images", per_class=16, size=12)
+    cfg = TrainConfig(
+        model="resnet20",
+        model_args={"layers": [1, 1, 1]},
+        dataset="imagefolder",
+        data_dir=str(tmp_path / "images"),
+        image_size=8,
+        epochs=2,
+        batch_size=8,
+        device="cpu",
+        quiet=True,
+        num_workers=0,
+        out_dir=str(tmp_path / "run"),
+    )
+    signal_at_step(2)
+    with pytest.raises(TrainingStopped):
+        fit(cfg)
+    signal_at_step(None)
+    next((tmp_path / "images" / "cat").iterdir()).unlink()  # one image fewer: every split would change
+    with pytest.raises(ReslabError, match=r"the data changed since .*last\.pt was saved \(images per split then"):
+        fit(cfg, resume="auto")

@@ -197,6 +197,9 @@ class FolderBatchLoader:
             pin_memory=device.type == "cuda",
             collate_fn=_collate,
             worker_init_fn=_ignore_stop_signals,
+            # Without a generator, each pass draws its workers' base seed from the global RNG, which stochastic
+            # depth also uses: a resumed run would draw it at another moment. Augmentation is seeded per image.
+            generator=torch.Generator().manual_seed(seed),
             # Evaluation reuses its workers; training restarts them each epoch (its sampler changes).
             persistent_workers=num_workers > 0 and not train,
         )
@@ -217,8 +220,8 @@ class FolderBatchLoader:
         for batch in self.loader:
             if isinstance(batch, BadSample):
                 raise ReslabError(
-                    f"{batch.path} could not be read ({batch.reason}); fix or remove it, and run again "
-                    "(a training run continues with --resume auto)"
+                    f"{batch.path} could not be read ({batch.reason}); put a good copy in its place and continue "
+                    "with --resume auto (removing it changes the splits: that is a new run)"
                 )
             x, y = batch
             x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)

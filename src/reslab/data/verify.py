@@ -178,6 +178,14 @@ def _write_cache(path: Path, root: str, max_pixels: int, files: dict[str, list])
                 os.unlink(tmp)
 
 
+def _default_signals() -> None:
+    """Pool workers forked during training would inherit its stop-after-the-step handlers: give them the defaults."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and shuts the pool down
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _check_all(paths: list[str], max_pixels: int, workers: int | None) -> list[str | None]:
     """Reasons for ``paths`` in order: in a process pool when there are many, else in this process."""
     if workers is None:
@@ -186,7 +194,7 @@ def _check_all(paths: list[str], max_pixels: int, workers: int | None) -> list[s
     if workers > 1 and len(paths) >= PARALLEL_MIN_FILES:
         chunk = max(1, min(64, len(paths) // (workers * 4)))
         try:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            with ProcessPoolExecutor(max_workers=workers, initializer=_default_signals) as pool:
                 return list(pool.map(check, paths, chunksize=chunk))
         except (OSError, RuntimeError):  # no processes allowed here (a sandbox, a broken pool): check in order
             pass

@@ -20,6 +20,9 @@ import pickle
 import re
 import secrets
 import shutil
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +87,10 @@ def atomic_save(obj: Any, path: str | Path, *, keep_previous: bool = False) -> i
             os.fsync(fd)  # the bytes reach the disk before the rename publishes them
         finally:
             os.close(fd)
-        if keep_previous and path.exists():
-            os.replace(path, previous_path(path))
-        os.replace(tmp, path)
+        with _signals_held():  # a Ctrl-C between the two renames would throw away a whole, written checkpoint
+            if keep_previous and path.exists():
+                os.replace(path, previous_path(path))
+            os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
         if isinstance(err, OSError):
@@ -148,7 +152,7 @@ def progress_of(ckpt: dict[str, Any]) -> tuple[int, int]:
 def resolve_resume(spec: str | Path, run_dir: str | Path) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
     """Find the checkpoint ``--resume SPEC`` means and load it: ``(path, checkpoint, messages to print)``.
 
-    ``"auto"``: the most progressed good training state among ``run_dir/last.pt`` and ``run_dir/last.prev.pt``,
+    ``"auto"``: ``run_dir/last.pt``, or ``run_dir/last.prev.pt`` when that one is damaged,
     skipping (with a message) files that are unreadable or hold only a model; ``(None, None, [message])`` when
     neither exists, so a requeued job script starts a new run the first time. Another spec is a file; when it is
     unreadable or missing and its ``previous_path`` is good, that one is used, with a message.
@@ -200,10 +204,10 @@ def _resume_auto(run_dir: Path) -> tuple[Path | None, dict[str, Any] | None, lis
     if not good:
         raise ReslabError(
             f"no usable checkpoint to resume in {run_dir} ({'; '.join(problems)}); "
-            "start over with --overwrite or pass --out-dir NEW"
+            "to start over, drop --resume and pass --overwrite, or pass --out-dir NEW"
         )
-    # max keeps the first of equals, so last.pt wins a tie with last.prev.pt
-    path, ckpt = max(good, key=lambda item: progress_of(item[1]))
+    # The newest is last.pt whenever it loads: last.prev.pt may be older or, after --overwrite, of another run.
+    path, ckpt = good[0]
     return path, ckpt, [f"{problem}; skipping it" for problem in problems]
 
 
@@ -240,6 +244,21 @@ def _load_failure(err: Exception) -> str:
         return err.strerror or type(err).__name__  # a real I/O error, e.g. "Input/output error"
     # torch's zip reader reports a cut-off file as EINVAL, EOFError or a RuntimeError
     return f"truncated or corrupt: {type(err).__name__}"
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back (they are delivered right after) where the platform and thread allow it."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    try:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    except (AttributeError, ValueError, OSError):  # no pthread_sigmask (Windows)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _create_temp(path: Path) -> tuple[int, Path]:

@@ -9,6 +9,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from reslab.train.runtime import all_reduce_sum
@@ -58,10 +59,21 @@ class EpochMeter:
     def state_dict(self) -> dict:
         return {"loss_sum": self.loss_sum.cpu(), "correct": self.correct.cpu(), "seen": self.seen}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.loss_sum = state["loss_sum"].to(self.device)
-        self.correct = state["correct"].to(self.device)
-        self.seen = state["seen"]
+    def summed_state(self) -> dict:
+        """``state_dict`` of every rank's sums added up (a collective under DDP)."""
+        if not dist.is_initialized():
+            return self.state_dict()
+        seen = all_reduce_sum(torch.tensor(self.seen, device=self.device))
+        summed = {"loss_sum": all_reduce_sum(self.loss_sum.clone()), "correct": all_reduce_sum(self.correct.clone())}
+        return {**{k: v.cpu() for k, v in summed.items()}, "seen": int(seen)}
+
+    def load_state_dict(self, state: dict, keep: bool = True) -> None:
+        """``keep=False``: start from zero (another rank carries these sums)."""
+        self.reset()
+        if keep:
+            self.loss_sum = state["loss_sum"].to(self.device)
+            self.correct = state["correct"].to(self.device)
+            self.seen = state["seen"]
 
 
 def forward_backward(

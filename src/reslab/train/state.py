@@ -69,8 +69,11 @@ class TrainState:
             "stopped_early": self.stopped_early,
         }
 
-    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
-        """Continue from a ``last.pt``; one written before mid-epoch checkpoints existed resumes at its epoch's end."""
+    def load_state_dict(self, ckpt: dict[str, Any], rank: int = 0) -> None:
+        """Continue from a ``last.pt``; one written before mid-epoch checkpoints existed resumes at its epoch's end.
+
+        The saved epoch sums are those of every rank together: rank 0 carries them on, the others start at zero.
+        """
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -78,7 +81,7 @@ class TrainState:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step = progress_of(ckpt)
         if "meter" in ckpt:
-            self.meter.load_state_dict(ckpt["meter"])
+            self.meter.load_state_dict(ckpt["meter"], keep=rank == 0)
             self.tracker.load_state_dict(ckpt["tracker"])
         self.epoch_seconds = ckpt.get("epoch_seconds", 0.0)
         self.best, self.history = ckpt["best"], ckpt["history"]

@@ -121,9 +121,10 @@ class Trainer:
         self.bundle = self._load_data()
         self.info = self.bundle.info
         with runtime.shared_errors(rt):
+            self._check_same_data(ckpt)
             self.state = self._build_state()
             if ckpt is not None:
-                self.state.load_state_dict(ckpt)
+                self.state.load_state_dict(ckpt, rank=rt.rank)
                 self.state.stopped_early &= cfg.patience > 0  # early stopping ended it; without patience, go on
                 runtime.restore_rng_states(ckpt["rng"], rt)
         self.model = self._wrap(self.state.model)  # DDP's constructor is a collective: outside the blocks
@@ -152,6 +153,9 @@ class Trainer:
                 f"{self.run_dir} already holds a run; continue it with --resume auto (or --resume "
                 f"{self.run_dir / 'last.pt'}), or pass --out-dir NEW or --overwrite"
             )
+        if self.rt.is_main:  # --overwrite: no state of the run before may be taken for this one's
+            for name in ("last.pt", "last.prev.pt", "last.damaged.pt"):
+                (self.run_dir / name).unlink(missing_ok=True)
         return None, None
 
     def _set_aside_damaged(self, resumed: Path) -> None:
@@ -185,6 +189,20 @@ class Trainer:
                 listing = write_bad_images(bundle.bad_files, self.run_dir)
                 print(f"skipped {len(bundle.bad_files)} unreadable image(s), listed in {listing}")
         return bundle
+
+    def _data_sizes(self) -> dict[str, int]:
+        """Images per split: saved in checkpoints, compared when a run resumes."""
+        splits = {"train": self.bundle.train, "val": self.bundle.val, "test": self.bundle.test}
+        return {name: len(split) if split is not None else 0 for name, split in splits.items()}
+
+    def _check_same_data(self, ckpt: dict | None) -> None:
+        """A resumed run must see the data its checkpoint saw: a file removed since would change every split."""
+        saved = (ckpt or {}).get("data_sizes")
+        if saved is not None and saved != self._data_sizes():
+            raise ReslabError(
+                f"the data changed since {self.resumed_from} was saved (images per split then {saved}, now "
+                f"{self._data_sizes()}); restore the files to continue, or start a new run (--overwrite)"
+            )
 
     def _build_state(self) -> TrainState:
         cfg, rt, info = self.cfg, self.rt, self.info
@@ -238,6 +256,11 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------------------
     def train(self) -> None:
+        if self._agree(bool(self.signals.requested))[0]:  # it came while loading data or building the model
+            message = f"stopped by {self.signals.name or 'a signal on another rank'} before training began"
+            if self.rt.is_main:
+                print(message)
+            raise TrainingStopped(message, self.signals.requested or 15)
         try:
             while self.state.epoch < self.cfg.epochs and not self.state.stopped_early:
                 self._train_epoch()
@@ -280,6 +303,7 @@ class Trainer:
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, bool]:
         """One checked training step; returns (its loss, whether a stop was asked for on any rank)."""
         st, rt = self.state, self.rt
+        rng_before = torch.get_rng_state()  # a replay of a diverging step draws the same drop-path masks
         loss, logits = forward_backward(
             self.model, x, y, self.loss_fn, st.optimizer, device=rt.device, amp_dtype=rt.amp_dtype, scaler=st.scaler
         )
@@ -292,6 +316,7 @@ class Trainer:
         bad, stop = self._agree(bad, bool(self.signals.requested))
         if bad:
             with runtime.shared_errors(rt):
+                torch.set_rng_state(rng_before)
                 self._diverged(x, y, loss_value)
         if norms is not None and finite_grads:
             st.tracker.add(norms)
@@ -390,6 +415,7 @@ class Trainer:
             "model_config": self.state.model.config,
             "dataset": dataclasses.asdict(self.info),
             "config": self.cfg.to_dict(),
+            "data_sizes": self._data_sizes(),
         }
 
     def _model_checkpoint(self, epoch: int, weights: dict) -> dict[str, Any]:
@@ -407,10 +433,11 @@ class Trainer:
     def _save_last(self) -> None:
         """Write the whole state to last.pt (the previous one becomes last.prev.pt). A collective under DDP."""
         rng = runtime.gather_rng_states(self.rt)
+        meter = self.state.meter.summed_state()  # every rank's partial sums, so any world size resumes them
         with runtime.shared_errors(self.rt):
             self._check_finite("before saving", 0.0)
             if self.rt.is_main:
-                state = {**self._header(), **self.state.state_dict(), "rng": rng}
+                state = {**self._header(), **self.state.state_dict(), "meter": meter, "rng": rng}
                 atomic_save(state, self.run_dir / "last.pt", keep_previous=True)
 
     def _saved_hint(self) -> str:
