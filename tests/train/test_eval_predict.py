@@ -126,35 +126,32 @@ def test_a_user_error_in_a_real_process_is_one_line_and_status_2(tmp_path):
     assert "cifar10: cifar-10-batches-py" in result.stderr
 
 
-def test_unknown_recipe_key_suggests_the_right_one(tmp_path):
+def test_unknown_recipe_key_suggests_the_right_one(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: resnet20\nepochz: 3\n")
-    result = run_cli("train", "--recipe", str(recipe))
-    assert result.returncode == 2 and "unknown option(s) epochz (did you mean epochs?)" in result.stderr
+    assert main(["train", "--recipe", str(recipe)]) == 2
+    assert "unknown option(s) epochz (did you mean epochs?)" in capsys.readouterr().err
 
 
-def test_predict_unreadable_image(trained, tmp_path):
+def test_predict_unreadable_image(trained, tmp_path, capsys):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
-    result = run_cli("predict", str(trained / "best.pt"), str(bad))
-    assert result.returncode == 2 and "bad.png is not a readable image" in result.stderr
+    assert main(["predict", str(trained / "best.pt"), str(bad)]) == 2
+    assert "bad.png is not a readable image" in capsys.readouterr().err
 
 
-def test_resume_from_the_command_line(trained, tiny_fashion, tmp_path):
+def test_resume_from_the_command_line(trained, tiny_fashion, tmp_path, capsys):
     import shutil
 
     copy = tmp_path / "copy"
     shutil.copytree(trained, copy)
-    result = run_cli("train", "--resume", str(copy / "best.pt"))
-    assert (
-        result.returncode == 2 and "holds a model, not a training state; resume from the run's last.pt" in result.stderr
-    )
-    result = run_cli("train", "--resume", str(copy / "last.pt"), "--lr", "0.5")
-    assert result.returncode == 2 and "cannot resume: the checkpoint has lr=0.05, this run 0.5" in result.stderr
+    assert main(["train", "--resume", str(copy / "best.pt")]) == 2
+    assert "holds a model, not a training state; resume from the run's last.pt" in capsys.readouterr().err
+    assert main(["train", "--resume", str(copy / "last.pt"), "--lr", "0.5"]) == 2
+    assert "cannot resume: the checkpoint has lr=0.05, this run 0.5" in capsys.readouterr().err
     # A finished run resumed with more patience: nothing left to train, and it writes to the copy, not the original.
     before = (trained / "last.pt").stat().st_mtime_ns
-    result = run_cli("train", "--resume", str(copy / "last.pt"), "--data-dir", str(tiny_fashion), "--patience", "2")
-    assert result.returncode == 0, result.stderr
+    assert main(["train", "--resume", str(copy / "last.pt"), "--data-dir", str(tiny_fashion), "--patience", "2"]) == 0
     assert (trained / "last.pt").stat().st_mtime_ns == before
     assert json.loads((copy / "results.json").read_text())["epochs_run"] == 3
 

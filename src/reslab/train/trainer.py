@@ -349,7 +349,9 @@ class Trainer:
         steps = max(1, round(AUTO_SAVE_SECONDS / max(seconds_per_step, 1e-6)))
         if self.rt.distributed:  # the same interval on every rank: saving gathers RNG states from all of them
             steps = int(runtime.all_reduce_sum(torch.tensor(float(steps), device=self.rt.device)) / self.rt.world_size)
-        return max(steps, 1)
+        steps = max(steps, 1)
+        self.logger.print(f"checkpoint every {steps} steps (about {steps * seconds_per_step:.0f} s of training)")
+        return steps
 
     def _end_epoch(self) -> None:
         st, cfg, info = self.state, self.cfg, self.info
