@@ -261,15 +261,11 @@ def test_refuses_to_overwrite_a_run(tiny_config):
     assert fit(tiny_config(epochs=1, overwrite=True))["epochs_run"] == 1
 
 
-def test_trains_on_an_image_folder(tmp_path):
+def _image_folder_config(tmp_path, **overrides):
+    """A ResNet-8 on the image folder at tmp_path/images, 2 epochs of batches of 8."""
     from reslab.train import TrainConfig
-    from tests.data.fixtures import write_image_folder
 
-    write_image_folder(tmp_path / "images", split_dirs=("train", "test"), per_class=16, size=20)
-    empty, text = tmp_path / "images" / "train" / "cat" / "empty.png", tmp_path / "images" / "test" / "dog" / "x.jpg"
-    empty.write_bytes(b"")
-    text.write_text("not an image")
-    cfg = TrainConfig(
+    values = dict(
         model="resnet20",
         model_args={"layers": [1, 1, 1]},
         dataset="imagefolder",
@@ -284,6 +280,17 @@ def test_trains_on_an_image_folder(tmp_path):
         num_workers=1,
         out_dir=str(tmp_path / "run"),
     )
+    return TrainConfig(**{**values, **overrides})
+
+
+def test_trains_on_an_image_folder(tmp_path):
+    from tests.data.fixtures import write_image_folder
+
+    write_image_folder(tmp_path / "images", split_dirs=("train", "test"), per_class=16, size=20)
+    empty, text = tmp_path / "images" / "train" / "cat" / "empty.png", tmp_path / "images" / "test" / "dog" / "x.jpg"
+    empty.write_bytes(b"")
+    text.write_text("not an image")
+    cfg = _image_folder_config(tmp_path)
     with pytest.raises(ReslabError, match=r"2 of \d+ images are bad: .*empty\.png \(empty file \(0 bytes\)\)"):
         fit(dataclasses.replace(cfg, on_bad_image="fail"))  # before any training
     assert not (tmp_path / "run" / "last.pt").exists()
@@ -296,23 +303,10 @@ def test_trains_on_an_image_folder(tmp_path):
 
 
 def test_resuming_on_changed_data_is_refused(tmp_path, signal_at_step):
-    from reslab.train import TrainConfig
     from tests.data.fixtures import write_image_folder
 
     write_image_folder(tmp_path / "images", per_class=16, size=12)
-    cfg = TrainConfig(
-        model="resnet20",
-        model_args={"layers": [1, 1, 1]},
-        dataset="imagefolder",
-        data_dir=str(tmp_path / "images"),
-        image_size=8,
-        epochs=2,
-        batch_size=8,
-        device="cpu",
-        quiet=True,
-        num_workers=0,
-        out_dir=str(tmp_path / "run"),
-    )
+    cfg = _image_folder_config(tmp_path, image_size=8, num_workers=0)
     signal_at_step(2)
     with pytest.raises(TrainingStopped):
         fit(cfg)
