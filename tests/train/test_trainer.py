@@ -125,7 +125,7 @@ def test_early_stopping_restores_the_best_model(tiny_config, monkeypatch):
         return result
 
     validation = {}
-    real_loaders = trainer_module._loaders
+    real_loaders = trainer_module.build_loaders
 
     def capture(*args):
         train, val, test = real_loaders(*args)
@@ -133,7 +133,7 @@ def test_early_stopping_restores_the_best_model(tiny_config, monkeypatch):
         return train, val, test
 
     monkeypatch.setattr(trainer_module, "evaluate", scripted_eval)
-    monkeypatch.setattr(trainer_module, "_loaders", capture)
+    monkeypatch.setattr(trainer_module, "build_loaders", capture)
     cfg = tiny_config(epochs=6, patience=2)
     results = fit(cfg)
     assert results["stopped_early"] and results["epochs_run"] == 4 and results["best_epoch"] == 2
@@ -217,7 +217,7 @@ def test_augmentation_only_on_training_split(tiny_config):
 
     cfg = tiny_config()
     bundle = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=False)
-    train, val, test = trainer_module._loaders(bundle, cfg, runtime.setup("cpu", "off", False))
+    train, val, test = trainer_module.build_loaders(bundle, cfg, runtime.setup("cpu", "off", False))
     assert train.train and train.augment.crop_padding == 2
     assert not val.train and not test.train  # evaluation loaders never augment (tests/data/test_augment.py)
 

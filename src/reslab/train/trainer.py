@@ -32,8 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from reslab.data import Augment, DataBundle, FolderBatchLoader, TensorBatchLoader, load_dataset
-from reslab.data.folder import train_transform
+from reslab.data import DataBundle, load_dataset
 from reslab.errors import ReslabError
 from reslab.models import create_model
 from reslab.train import runtime
@@ -41,6 +40,7 @@ from reslab.train.checkpoint import FORMAT, atomic_save, clean_stale_temp_files,
 from reslab.train.config import TrainConfig, check_resumable
 from reslab.train.divergence import diagnose, nonfinite_entries
 from reslab.train.engine import EpochMeter, evaluate, forward_backward, optimizer_step
+from reslab.train.loaders import build_loaders
 from reslab.train.logging import GradNormTracker, RunLogger
 from reslab.train.optim import build_optimizer, build_scheduler
 from reslab.train.signals import StopSignals, TrainingStopped
@@ -71,37 +71,6 @@ def fit(cfg: TrainConfig, *, resume: str | Path | None = None) -> dict[str, Any]
 
 def _announcer(rt: runtime.Runtime):
     return print if rt.is_main else (lambda message: None)
-
-
-def _loaders(bundle: DataBundle, cfg: TrainConfig, rt: runtime.Runtime):
-    info = bundle.info
-    common = dict(
-        device=rt.device, channels_last=rt.channels_last, seed=cfg.seed, rank=rt.rank, world_size=rt.world_size
-    )
-    if bundle.in_memory:
-        augment = Augment(crop_padding=cfg.crop_padding, flip=cfg.flip)
-        train = TensorBatchLoader(bundle.train, info, batch_size=cfg.batch_size, train=True, augment=augment, **common)
-
-        def make_eval(split):
-            return TensorBatchLoader(split, info, batch_size=cfg.eval_batch_size, train=False, **common)
-    else:
-        bundle.train.transform = train_transform(
-            info.image_size[0], info.channels, info.mean, info.std, crop_padding=cfg.crop_padding, flip=cfg.flip
-        )
-        train = FolderBatchLoader(
-            bundle.train, batch_size=cfg.batch_size, train=True, num_workers=cfg.num_workers, **common
-        )
-
-        def make_eval(split):
-            return FolderBatchLoader(
-                split, batch_size=cfg.eval_batch_size, train=False, num_workers=cfg.num_workers, **common
-            )
-
-    if len(train) == 0:
-        raise ReslabError(f"the training split has fewer images than one batch ({cfg.batch_size} per process)")
-    val = make_eval(bundle.val) if bundle.val is not None else None
-    test = make_eval(bundle.test) if bundle.test is not None else None
-    return train, val, test
 
 
 class Trainer:
@@ -210,7 +179,7 @@ class Trainer:
         model = create_model(cfg.model, **model_args)
         model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
         optimizer = build_optimizer(model, cfg)
-        self.train_loader, self.val_loader, self.test_loader = _loaders(self.bundle, cfg, rt)
+        self.train_loader, self.val_loader, self.test_loader = build_loaders(self.bundle, cfg, rt)
         return TrainState(
             model=model,
             optimizer=optimizer,
