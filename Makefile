@@ -8,10 +8,11 @@ STAMP := $(VENV)/.reslab-installed
 
 .PHONY: demo test lint readme-table fashion-mnist chromium
 
-# Create the venv and install the project (editable, with test tools) when missing or when pyproject changes.
+# Create the venv and install the project (editable, with test tools and the ONNX extra) when missing or when
+# pyproject changes.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[dev]' 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+	$(BIN)/python -m pip install -q -e '.[dev,deploy]' 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 	touch $@
 
 # The main job: train the demo recipe on Fashion-MNIST, evaluate it on the test set, predict a few test images.
@@ -43,7 +44,7 @@ chromium:
 	  (apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)) >/dev/null 2>&1; } || \
 	echo "could not install chromium; the headless-browser test will be skipped"
 
-test: $(STAMP) chromium
+test: $(STAMP) chromium fashion-mnist
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -7,11 +7,13 @@ exit status 2; a Ctrl-C ends with status 130. Anything else is a bug and keeps i
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from reslab.cli_deploy import add_deploy_parsers, add_precision_flags, note_precision
 from reslab.errors import ReslabError
 
 
@@ -25,6 +27,11 @@ def _format_macs(n: int) -> str:
 
 def model_rows(pattern: str | None = None) -> list[dict[str, str]]:
     """One row per registered model: name, depth, block, version, shortcut, parameters."""
+    return [dict(row) for row in _model_rows(pattern)]
+
+
+@functools.cache  # building all 42 models, even on the meta device, takes seconds
+def _model_rows(pattern: str | None) -> tuple[dict[str, str], ...]:
     import torch
 
     from reslab.models import create_model, get_spec, list_models
@@ -47,7 +54,7 @@ def model_rows(pattern: str | None = None) -> list[dict[str, str]]:
                 "description": spec.description,
             }
         )
-    return rows
+    return tuple(rows)
 
 
 def models_markdown(pattern: str | None = None) -> str:
@@ -235,6 +242,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from reslab.inference import evaluate_checkpoint
 
+    note_precision(args)
     result, report = evaluate_checkpoint(
         args.checkpoint,
         dataset=args.dataset,
@@ -242,8 +250,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
         split=args.split,
         out_dir=args.out_dir,
         device=args.device,
+        precision=args.precision,
+        compile=args.compile,
     )
-    table = Table(title=f"{report['dataset']} {report['split']}: {report['images']} images", min_width=44)
+    title = f"{report['dataset']} {report['split']}: {report['images']} images, {report['precision']}"
+    table = Table(title=title, min_width=44)
     table.add_column("class")
     table.add_column("accuracy", justify="right")
     for name, acc in report["per_class_accuracy"].items():
@@ -260,7 +271,17 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
     if args.topk < 1:
         raise ReslabError(f"--topk must be at least 1, not {args.topk}")
-    for p in predict_images(args.checkpoint, args.images, topk=args.topk, device=args.device):
+    note_precision(args)
+    predictions = predict_images(
+        args.checkpoint,
+        args.images,
+        topk=args.topk,
+        device=args.device,
+        precision=args.precision,
+        compile=args.compile,
+        data_dir=args.data_dir,
+    )
+    for p in predictions:
         ranked = ", ".join(f"{name} {prob:.1%}" for name, prob in p.top)
         print(f"{p.path}: {ranked}")
 
@@ -433,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("test", "val"))
     p.add_argument("--out-dir", default=None, help="default: the checkpoint's folder")
     p.add_argument("--device", default="auto")
+    add_precision_flags(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="top-k classes of image files")
@@ -440,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+")
     p.add_argument("--topk", type=int, default=3)
     p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", default=None, help="--precision int8: where the training images are, if moved")
+    add_precision_flags(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("samples", help="save some images of an in-memory dataset as PNG files (to look at, or predict)")
@@ -451,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="samples")
     p.set_defaults(func=cmd_samples)
 
+    add_deploy_parsers(sub)
     _add_explain_parsers(sub)
     return parser
 
@@ -485,6 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
                 quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))
             args = build_parser().parse_args(argv)  # imports torch: seconds in which a Ctrl-C may come
+            args.argv = list(sys.argv[1:] if argv is None else argv)  # for results files that record their command
         func: Callable[[argparse.Namespace], None] = args.func
         _default_input_size(args)
         func(args)

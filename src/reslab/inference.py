@@ -9,14 +9,15 @@ from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
+from torch import Tensor
 
 from reslab.analysis.plots import plot_confusion_matrix
-from reslab.data import DatasetInfo, FolderBatchLoader, TensorBatchLoader, load_dataset
+from reslab.data import DataBundle, DatasetInfo, FolderBatchLoader, TensorBatchLoader, load_dataset
 from reslab.data.datasets import recorded_data_dir
-from reslab.data.folder import eval_transform, whole_image_folder
+from reslab.data.folder import TransformSubset, eval_transform, whole_image_folder
 from reslab.errors import ReslabError
 from reslab.train.checkpoint import load_checkpoint, model_from_checkpoint
-from reslab.train.engine import EvalResult, evaluate
+from reslab.train.engine import EvalResult, autocast, evaluate
 from reslab.train.runtime import pick_amp, pick_device
 
 
@@ -24,6 +25,87 @@ def _info(ckpt: dict[str, Any]) -> DatasetInfo:
     d = dict(ckpt["dataset"])
     d["image_size"] = tuple(d["image_size"])
     return DatasetInfo(**d)
+
+
+def _bundle(ckpt: dict[str, Any], name: str, data_dir: str | None) -> DataBundle:
+    """The checkpoint's dataset (or ``name``), split as in training, with the classes the model knows."""
+    cfg, info = ckpt["config"], _info(ckpt)
+    bundle = load_dataset(
+        name,
+        data_dir=data_dir or recorded_data_dir(cfg["data_dir"]),
+        val_ratio=cfg["val_ratio"],
+        seed=cfg["seed"],
+        download=cfg["download"],
+        image_size=cfg.get("image_size"),
+        in_chans=cfg.get("in_chans"),
+    )
+    if bundle.info.classes != info.classes:
+        raise ReslabError(f"{name} has classes {bundle.info.classes[:5]}..., the checkpoint {info.classes[:5]}...")
+    return bundle
+
+
+def _split(ckpt: dict[str, Any], name: str, data_dir: str | None, split: str) -> tuple[Any, bool]:
+    """(the images of ``split``, whether they are held in memory)."""
+    cfg, info = ckpt["config"], _info(ckpt)
+    trained_on = Path(cfg["data_dir"]).resolve() if cfg["data_dir"] else None
+    if name == "imagefolder" and data_dir and Path(data_dir).resolve() != trained_on:
+        if split == "val":
+            raise ReslabError("--split val needs the folder the model was trained on; another folder is all test")
+        # Another folder than the one trained on: every image in it (or in its test/ folder) is scored.
+        return whole_image_folder(data_dir, info.classes), False
+    bundle = _bundle(ckpt, name, data_dir)
+    data = {"test": bundle.test, "val": bundle.val, "train": bundle.train}[split]
+    if data is None:
+        raise ReslabError(f"{name} has no {split} split here")
+    return data, bundle.in_memory
+
+
+def _loader(ckpt: dict[str, Any], data: Any, in_memory: bool, device: torch.device, batch_size: int):
+    """Fixed-order batches (x normalized with the training statistics, y) of ``data`` on ``device``."""
+    info = _info(ckpt)
+    if in_memory:
+        return TensorBatchLoader(data, info, batch_size=batch_size, train=False, device=device, channels_last=True)
+    data.transform = eval_transform(info.image_size[0], info.channels, info.mean, info.std)
+    workers = ckpt["config"].get("num_workers", 2)
+    return FolderBatchLoader(
+        data, batch_size=batch_size, train=False, device=device, channels_last=True, num_workers=workers
+    )
+
+
+def calibration_batches(
+    ckpt: dict[str, Any], *, data_dir: str | None = None, images: int = 512, batch_size: int = 64
+) -> list[Tensor]:
+    """``images`` normalized training images (a seeded random choice), in CPU batches, to calibrate int8."""
+    data, in_memory = _split(ckpt, ckpt["config"]["dataset"], data_dir, "train")
+    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:images]
+    if in_memory:
+        data = data.subset(pick)
+    else:  # a TransformSubset of the training files, with the evaluation transform that _loader sets
+        chosen = pick.tolist() if data.indices is None else [data.indices[i] for i in pick.tolist()]
+        data = TransformSubset(data.folder, chosen, None)
+    return [x.float().contiguous() for x, _ in _loader(ckpt, data, in_memory, torch.device("cpu"), batch_size)]
+
+
+def inference_model(
+    ckpt: dict[str, Any],
+    device: torch.device,
+    *,
+    precision: str | None = None,
+    compile: bool = False,
+    data_dir: str | None = None,
+) -> tuple[torch.nn.Module, torch.dtype | None]:
+    """(model, autocast dtype): the checkpoint's model as trained (eager, its own autocast), or with
+    ``precision`` the ``reslab.deploy.optimize`` copy (folded, cast, optionally compiled; int8 calibrated on
+    the training images)."""
+    from reslab.deploy import optimize
+
+    model = model_from_checkpoint(ckpt).to(device)
+    if precision is None:
+        return model.to(memory_format=torch.channels_last), pick_amp(ckpt["config"].get("amp", "auto"), device)
+    info = _info(ckpt)
+    calibration = calibration_batches(ckpt, data_dir=data_dir) if precision == "int8" else None
+    shape = (info.channels, *info.image_size)
+    return optimize(model, precision, compile=compile, calibration=calibration, input_shape=shape), None
 
 
 def evaluate_checkpoint(
@@ -35,53 +117,25 @@ def evaluate_checkpoint(
     out_dir: str | Path | None = None,
     device: str = "auto",
     batch_size: int = 1000,
+    precision: str | None = None,
+    compile: bool = False,
 ) -> tuple[EvalResult, dict[str, Any]]:
     """Accuracy, per-class accuracy and confusion matrix of a checkpoint on ``split`` ("test" or "val").
 
-    Writes ``eval_<split>.json`` and ``confusion_<split>.png`` to ``out_dir`` (default: the checkpoint's folder).
+    ``precision`` (fp32, bf16, int8) evaluates ``reslab.deploy.optimize``'s inference copy instead of the
+    model as trained. Writes ``eval_<split>.json`` and ``confusion_<split>.png`` to ``out_dir`` (default: the
+    checkpoint's folder).
     """
     if split not in ("test", "val"):
         raise ReslabError(f"--split must be test or val, not {split!r}")
     ckpt = load_checkpoint(path)
     cfg, info = ckpt["config"], _info(ckpt)
     name = dataset or cfg["dataset"]
-    trained_on = Path(cfg["data_dir"]).resolve() if cfg["data_dir"] else None
-    if name == "imagefolder" and data_dir and Path(data_dir).resolve() != trained_on:
-        if split == "val":
-            raise ReslabError("--split val needs the folder the model was trained on; another folder is all test")
-        # Another folder than the one trained on: every image in it (or in its test/ folder) is scored.
-        data, in_memory = whole_image_folder(data_dir, info.classes), False
-    else:
-        bundle = load_dataset(
-            name,
-            data_dir=data_dir or recorded_data_dir(cfg["data_dir"]),
-            val_ratio=cfg["val_ratio"],
-            seed=cfg["seed"],
-            download=cfg["download"],
-            image_size=cfg.get("image_size"),
-            in_chans=cfg.get("in_chans"),
-        )
-        if bundle.info.classes != info.classes:
-            raise ReslabError(f"{name} has classes {bundle.info.classes[:5]}..., the checkpoint {info.classes[:5]}...")
-        data, in_memory = {"test": bundle.test, "val": bundle.val}[split], bundle.in_memory
-        if data is None:
-            raise ReslabError(f"{name} has no {split} split here")
+    data, in_memory = _split(ckpt, name, data_dir, split)
     dev = pick_device(device)
-    model = model_from_checkpoint(ckpt).to(dev, memory_format=torch.channels_last)
+    model, amp = inference_model(ckpt, dev, precision=precision, compile=compile, data_dir=data_dir)
     # Normalize with the statistics the model was trained with, not the reloaded split's.
-    if in_memory:
-        loader = TensorBatchLoader(data, info, batch_size=batch_size, train=False, device=dev, channels_last=True)
-    else:
-        data.transform = eval_transform(info.image_size[0], info.channels, info.mean, info.std)
-        loader = FolderBatchLoader(
-            data,
-            batch_size=batch_size,
-            train=False,
-            device=dev,
-            channels_last=True,
-            num_workers=cfg.get("num_workers", 2),
-        )
-    amp = pick_amp(cfg.get("amp", "auto"), dev)
+    loader = _loader(ckpt, data, in_memory, dev, batch_size)
     result = evaluate(
         model, loader, num_classes=info.num_classes, device=dev, amp_dtype=amp, tta_flip=cfg.get("tta_flip", False)
     )
@@ -91,6 +145,7 @@ def evaluate_checkpoint(
         "checkpoint": str(path),
         "dataset": name,
         "split": split,
+        "precision": precision or "as trained",
         "images": int(result.confusion.sum()),
         "accuracy": result.accuracy,
         "loss": result.loss,
@@ -117,13 +172,24 @@ class Prediction:
 
 
 def predict_images(
-    path: str | Path, images: list[str | Path], *, topk: int = 3, device: str = "auto"
+    path: str | Path,
+    images: list[str | Path],
+    *,
+    topk: int = 3,
+    device: str = "auto",
+    precision: str | None = None,
+    compile: bool = False,
+    data_dir: str | None = None,
 ) -> list[Prediction]:
-    """Top-k classes of image files. Any size and mode (L, RGB, RGBA, P, ...) becomes what the model expects."""
+    """Top-k classes of image files. Any size and mode (L, RGB, RGBA, P, ...) becomes what the model expects.
+
+    ``precision`` runs ``reslab.deploy.optimize``'s copy (int8 calibrates on the training images, found in
+    ``data_dir`` or where training found them).
+    """
     ckpt = load_checkpoint(path)
     info = _info(ckpt)
     dev = pick_device(device)
-    model = model_from_checkpoint(ckpt).to(dev)
+    model, amp = inference_model(ckpt, dev, precision=precision, compile=compile, data_dir=data_dir)
     to_input = eval_transform(info.image_size[0], info.channels, info.mean, info.std)
     if info.image_size[0] != info.image_size[1]:
         raise ReslabError("predict supports models trained on square images")
@@ -137,7 +203,7 @@ def predict_images(
         except (UnidentifiedImageError, OSError) as err:
             raise ReslabError(f"{image_path} is not a readable image: {err}") from None
     k = max(1, min(topk, info.num_classes))
-    with torch.no_grad():
+    with torch.no_grad(), autocast(dev, amp):
         probs = model(torch.stack(batch).to(dev)).float().softmax(dim=1)
     values, indices = probs.topk(k, dim=1)
     return [

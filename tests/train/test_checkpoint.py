@@ -297,7 +297,7 @@ def test_resume_explicit_folder_or_model_only_is_refused(tmp_path):
         resolve_resume(str(tmp_path / "best.pt"), tmp_path)
 
 
-def test_a_ctrl_c_between_the_renames_waits_until_the_new_checkpoint_is_in_place(tmp_path, monkeypatch):
+def test_a_ctrl_c_between_the_renames_waits_until_the_new_checkpoint_is_in_place(tmp_path, monkeypatch, request):
     path = tmp_path / "last.pt"
     atomic_save(_state(1), path)
     real = os.replace
@@ -310,6 +310,9 @@ def test_a_ctrl_c_between_the_renames_waits_until_the_new_checkpoint_is_in_place
             signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(checkpoint.os, "replace", replace_then_interrupted)
+    # Python's own Ctrl-C handler, even where a shell started pytest in the background with SIGINT ignored.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     with pytest.raises(KeyboardInterrupt):  # delivered once both renames are done
         atomic_save(_state(2), path, keep_previous=True)
     assert calls["n"] == 2 and progress_of(load_checkpoint(path)) == (3, 0)

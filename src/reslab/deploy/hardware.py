@@ -1,0 +1,96 @@
+"""What this machine can do: its CPU flags or GPU, which precisions it runs natively, its matrix-product peak."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from reslab.train.runtime import cpu_has_fast_bf16
+
+# The CPU features that decide which inference precision is fast: bf16 needs AVX-512 BF16 or AMX to run
+# natively; int8 needs VNNI (or AMX) to multiply 8-bit values without saturating 16-bit sums.
+FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def _cpuinfo() -> dict[str, str]:
+    path = Path("/proc/cpuinfo")
+    if not path.is_file():
+        return {}
+    first = path.read_text().split("\n\n")[0]
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first.splitlines())}
+
+
+def cpu_flags() -> list[str]:
+    """The flags of ``FLAGS`` this CPU has (read from /proc/cpuinfo; empty where there is none)."""
+    have = set(_cpuinfo().get("flags", "").split())
+    return [f for f in FLAGS if f in have]
+
+
+def int8_native() -> bool:
+    """True where the CPU multiplies int8 in 32-bit sums (VNNI or AMX): no saturation, no reduced range."""
+    return any(f in cpu_flags() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def bf16_native(device: torch.device) -> bool:
+    """True where bf16 runs natively: an Ampere-or-later GPU, or a CPU with AVX-512 BF16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_fast_bf16()
+
+
+def describe(device: torch.device) -> dict[str, object]:
+    """The machine a measurement ran on: processor or GPU, cores, threads, flags, library versions."""
+    info: dict[str, object] = {
+        "cpu": _cpuinfo().get("model name") or platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "cpu_flags": cpu_flags(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(
+    device: torch.device, dtype: torch.dtype = torch.float32, *, n: int = 2048, seconds: float = 1.0
+) -> float:
+    """GFLOP/s of an n x n matrix product: the practical peak that a network's convolutions (matrix products
+    underneath) can approach on this machine in this precision."""
+    a = torch.randn(n, n, device=device).to(dtype)
+
+    def product() -> torch.Tensor:
+        return a @ a
+
+    product()  # warm-up: first-call allocation and kernel selection
+    reps, rates = 1, []
+    while len(rates) < 3:  # double the repetitions until a timed batch lasts a third of ``seconds``; best of 3
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            product()
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds / 3 or reps >= 4096:
+            rates.append(2 * n**3 * reps / elapsed / 1e9)
+        else:
+            reps *= 2
+    return max(rates)

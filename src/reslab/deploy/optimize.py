@@ -1,0 +1,112 @@
+"""The fastest inference copy of a model that this machine runs: folded BatchNorm, channels-last, compiled,
+in fp32, bf16 or int8.
+
+- fp32 and bf16: ``fold_bn``, channels-last, weights cast once (bf16 holds no per-call casts, unlike autocast),
+  then ``torch.compile``: on a CPU with freezing (weights become constants that inductor pre-packs for oneDNN),
+  on a GPU with max-autotune and CUDA graphs. Calls run under ``torch.inference_mode``.
+- int8: exported to ONNX and quantized statically by ONNX Runtime (``export.quantize_onnx``), calibrated on
+  training images; ONNX Runtime then runs it on the CPU.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from reslab.deploy.export import OnnxRuntimeModel, export_onnx, quantize_onnx
+from reslab.deploy.fold import fold_bn
+from reslab.errors import ReslabError
+
+PRECISIONS = ("fp32", "bf16", "int8")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class InferenceModel(nn.Module):
+    """A folded, cast and (optionally) compiled model: (B, C, H, W) float -> (B, classes) float32 logits.
+
+    A compiled model is specialized to the first batch size it sees; a smaller batch later (the last one of a
+    dataset) is padded with zeros up to it and the padding's outputs dropped, which costs less than compiling
+    again. Folded BatchNorm makes every image's output independent of the rest of its batch, so this is exact.
+    """
+
+    def __init__(self, net: nn.Module, *, dtype: torch.dtype, channels_last: bool, compiled: bool) -> None:
+        super().__init__()
+        self.net, self.dtype, self.channels_last, self.compiled = net, dtype, channels_last, compiled
+        self.compiled_batch: int | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = x.shape[0]
+        if self.compiled:
+            self.compiled_batch = self.compiled_batch or n
+            if n < self.compiled_batch:
+                x = torch.cat([x, x.new_zeros(self.compiled_batch - n, *x.shape[1:])])
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        with torch.inference_mode():
+            logits = self.net(x.to(self.dtype).contiguous(memory_format=memory_format))
+        return logits[:n].float()
+
+
+def _compile(net: nn.Module, device: torch.device) -> nn.Module:
+    if device.type == "cuda":  # max-autotune's kernel search, then CUDA graphs: one launch per batch
+        return torch.compile(net, mode="max-autotune", dynamic=False)
+    # Freezing treats the weights as constants: inductor folds them and pre-packs them in oneDNN's layout.
+    return torch.compile(net, options={"freezing": True}, dynamic=False)
+
+
+def optimize(
+    model: nn.Module,
+    precision: str = "fp32",
+    *,
+    compile: bool = True,
+    channels_last: bool = True,
+    calibration: Iterable[Tensor] | None = None,
+    input_shape: tuple[int, int, int] | None = None,
+) -> nn.Module:
+    """An inference copy of ``model`` (left unchanged), on ``model``'s device.
+
+    Args:
+        model: an eval-mode model, e.g. ``model_from_checkpoint(ckpt)``.
+        precision: ``"fp32"``; ``"bf16"`` (native on Ampere+ GPUs and CPUs with AVX-512 BF16 or AMX, emulated
+            and slow elsewhere: ``hardware.bf16_native`` tells); ``"int8"`` (CPU, ONNX Runtime).
+        compile: ``torch.compile`` the fp32 or bf16 copy; its first call per batch size compiles (seconds).
+        channels_last: NHWC activations, the layout oneDNN and cuDNN convolutions are fastest in.
+        calibration: int8 only: batches (B, C, H, W) of normalized training images that set the int8 ranges.
+        input_shape: int8 only: one image's (C, H, W).
+
+    Returns:
+        A module mapping (B, C, H, W) float inputs to (B, classes) float32 logits.
+    """
+    if precision not in PRECISIONS:
+        raise ReslabError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if model.training:
+        raise ReslabError("optimize needs a model in eval mode: call model.eval() first")
+    device = next(model.parameters()).device
+    if precision == "int8":
+        return _int8(model, device, calibration, input_shape)
+    dtype = _DTYPES[precision]
+    net = fold_bn(model).to(dtype)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if compile:
+        net = _compile(net, device)
+    return InferenceModel(net, dtype=dtype, channels_last=channels_last, compiled=compile)
+
+
+def _int8(
+    model: nn.Module,
+    device: torch.device,
+    calibration: Iterable[Tensor] | None,
+    input_shape: tuple[int, int, int] | None,
+) -> nn.Module:
+    if device.type != "cpu":
+        raise ReslabError("int8 runs on the CPU (ONNX Runtime); use --device cpu, or bf16 on a GPU")
+    if calibration is None or input_shape is None:
+        raise ReslabError("int8 needs calibration images and the input shape")
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export_onnx(model, Path(tmp) / "fp32.onnx", input_shape=input_shape)
+        int8 = quantize_onnx(fp32, Path(tmp) / "int8.onnx", calibration)
+        return OnnxRuntimeModel(int8)  # the session holds the model in memory once created
