@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,48 @@ def evaluate_checkpoint(
     )
     report["files"] = {k: str(v) for k, v in files.items()}
     return result, report
+
+
+def compare_precisions(
+    path: str | Path,
+    precisions: tuple[str, ...] = ("fp32", "bf16", "int8"),
+    *,
+    split: str = "test",
+    data_dir: str | None = None,
+    compile: bool = False,
+    device: str = "cpu",
+) -> dict[str, dict[str, float]]:
+    """Accuracy on ``split`` of the model as trained (eager fp32) and of each deployment ``precision``, with
+    each one's top-1 agreement with the model as trained, its accuracy drop and the seconds its pass took.
+    No test-time flip: each image is scored once."""
+    ckpt = load_checkpoint(path)
+    data, in_memory = _split(ckpt, ckpt["config"]["dataset"], data_dir, split)
+    dev = pick_device(device)
+    loader = _loader(ckpt, data, in_memory, dev, 1000)
+
+    def predict(model: torch.nn.Module) -> tuple[Tensor, Tensor, float]:
+        start, predictions, labels = time.perf_counter(), [], []
+        with torch.no_grad():
+            for x, y in loader:
+                predictions.append(model(x).argmax(1))
+                labels.append(y)
+        return torch.cat(predictions), torch.cat(labels), time.perf_counter() - start
+
+    reference, labels, seconds = predict(model_from_checkpoint(ckpt).to(dev))
+    base = (reference == labels).float().mean().item()
+    rows = {"as trained": {"accuracy": base, "agreement": 1.0, "accuracy_drop": 0.0, "seconds": seconds}}
+    for precision in precisions:
+        model, _ = inference_model(ckpt, dev, precision=precision, compile=compile, data_dir=data_dir)
+        predicted, _, seconds = predict(model)
+        accuracy = (predicted == labels).float().mean().item()
+        agreement = (predicted == reference).float().mean().item()
+        rows[precision] = {
+            "accuracy": accuracy,
+            "agreement": agreement,
+            "accuracy_drop": base - accuracy,
+            "seconds": seconds,
+        }
+    return rows
 
 
 @dataclass
