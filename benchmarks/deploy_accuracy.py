@@ -3,9 +3,9 @@
 Usage: python benchmarks/deploy_accuracy.py CKPT [--precisions fp32 bf16 int8] [--compile]
                                            [--out benchmarks/results/deploy_accuracy_cpu.json]
 
-For the model as trained (eager fp32) and for each precision of ``reslab.deploy.optimize`` (fp32 and bf16:
+For the eager fp32 model and for each precision of ``reslab.deploy.optimize`` (fp32 and bf16:
 folded BatchNorm, channels-last; int8: ONNX Runtime QDQ calibrated on 512 training images): test accuracy,
-top-1 agreement with the model as trained, accuracy drop, and the seconds of the test pass. The speed of each
+top-1 agreement with the eager fp32 model, accuracy drop, and the seconds of the test pass. The speed of each
 path is ``reslab bench``'s job; this is about what each precision does to the answers.
 """
 

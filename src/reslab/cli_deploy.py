@@ -13,7 +13,7 @@ from pathlib import Path
 
 from reslab.errors import ReslabError
 
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16", "int8")  # reslab.deploy.optimize's; kept here so that parsing imports no deploy code
 
 
 def quiet_compiler_logs() -> None:
@@ -104,6 +104,10 @@ def _bench_model(args: argparse.Namespace):
     from reslab.train.runtime import pick_device
 
     device = pick_device(args.device)
+    if (args.img_size is not None and args.img_size < 1) or (args.threads is not None and args.threads < 1):
+        raise ReslabError("--img-size and --threads must be at least 1")
+    if "int8" in args.precision and device.type != "cpu":  # before any row is measured
+        raise ReslabError("int8 runs on the CPU (ONNX Runtime): add --device cpu, or drop int8 from --precision")
     if Path(args.target).suffix in (".pt", ".pth") or Path(args.target).is_file():
         from reslab.train.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -114,7 +118,7 @@ def _bench_model(args: argparse.Namespace):
         family = get_spec(args.target).family
         channels, size = args.in_chans, args.img_size or (32 if family == "cifar" else 224)
         model = create_model(args.target, num_classes=args.num_classes, in_chans=channels)
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     return model.eval().to(device), (channels, size, size)
 
@@ -126,6 +130,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.batch_size < 1 or args.iters < 1 or args.warmup < 1:
         raise ReslabError("-b, --iters and --warmup must be at least 1")
     model, shape = _bench_model(args)
+    if "int8" in args.precision or (args.baselines and next(model.parameters()).device.type == "cpu"):
+        from reslab.deploy.export import require
+
+        for package in ("onnx", "onnxscript", "onnxruntime"):  # before any row is measured
+            require(package)
     spec = BenchSpec(
         model=model, batch_size=args.batch_size, input_shape=shape, bench=args.bench,
         precisions=tuple(dict.fromkeys(args.precision)), channels_last=args.channels_last,

@@ -76,15 +76,20 @@ def _loader(ckpt: dict[str, Any], data: Any, in_memory: bool, device: torch.devi
 def calibration_batches(
     ckpt: dict[str, Any], *, data_dir: str | None = None, images: int = 512, batch_size: int = 64
 ) -> list[Tensor]:
-    """``images`` normalized training images (a seeded random choice), in CPU batches, to calibrate int8."""
-    data, in_memory = _split(ckpt, ckpt["config"]["dataset"], data_dir, "train")
+    """``images`` normalized images of the checkpoint's own training split (a seeded random choice, never
+    validation or test images), in CPU batches, to calibrate int8. ``data_dir``: where that dataset is now,
+    if not where training found it."""
+    if images < 1:
+        raise ReslabError(f"--calibration-images must be at least 1, not {images}")
+    bundle = _bundle(ckpt, ckpt["config"]["dataset"], data_dir)
+    data = bundle.train
     pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:images]
-    if in_memory:
+    if bundle.in_memory:
         data = data.subset(pick)
     else:  # a TransformSubset of the training files, with the evaluation transform that _loader sets
         chosen = pick.tolist() if data.indices is None else [data.indices[i] for i in pick.tolist()]
         data = TransformSubset(data.folder, chosen, None)
-    return [x.float().contiguous() for x, _ in _loader(ckpt, data, in_memory, torch.device("cpu"), batch_size)]
+    return [x.float().contiguous() for x, _ in _loader(ckpt, data, bundle.in_memory, torch.device("cpu"), batch_size)]
 
 
 def inference_model(
@@ -100,6 +105,8 @@ def inference_model(
     the training images)."""
     from reslab.deploy import optimize
 
+    if precision == "int8" and device.type != "cpu":  # before the calibration images are loaded
+        raise ReslabError("int8 runs on the CPU (ONNX Runtime): add --device cpu, or use bf16 on a GPU")
     model = model_from_checkpoint(ckpt).to(device)
     if precision is None:
         return model.to(memory_format=torch.channels_last), pick_amp(ckpt["config"].get("amp", "auto"), device)
@@ -134,7 +141,10 @@ def evaluate_checkpoint(
     name = dataset or cfg["dataset"]
     data, in_memory = _split(ckpt, name, data_dir, split)
     dev = pick_device(device)
-    model, amp = inference_model(ckpt, dev, precision=precision, compile=compile, data_dir=data_dir)
+    # int8 calibrates on the training split: in data_dir only when that holds the dataset trained on.
+    same_data = name == cfg["dataset"] and name != "imagefolder"
+    calibration_dir = data_dir if same_data else None
+    model, amp = inference_model(ckpt, dev, precision=precision, compile=compile, data_dir=calibration_dir)
     # Normalize with the statistics the model was trained with, not the reloaded split's.
     loader = _loader(ckpt, data, in_memory, dev, batch_size)
     result = evaluate(
@@ -175,9 +185,9 @@ def compare_precisions(
     compile: bool = False,
     device: str = "cpu",
 ) -> dict[str, dict[str, float]]:
-    """Accuracy on ``split`` of the model as trained (eager fp32) and of each deployment ``precision``, with
-    each one's top-1 agreement with the model as trained, its accuracy drop and the seconds its pass took.
-    No test-time flip: each image is scored once."""
+    """Accuracy on ``split`` of the eager fp32 model and of each deployment ``precision``, with each one's
+    top-1 agreement with the eager fp32 model, its accuracy drop and the seconds its pass took (with
+    ``compile``, the compilation included). No autocast, no test-time flip: each image is scored once."""
     ckpt = load_checkpoint(path)
     data, in_memory = _split(ckpt, ckpt["config"]["dataset"], data_dir, split)
     dev = pick_device(device)
@@ -193,7 +203,7 @@ def compare_precisions(
 
     reference, labels, seconds = predict(model_from_checkpoint(ckpt).to(dev))
     base = (reference == labels).float().mean().item()
-    rows = {"as trained": {"accuracy": base, "agreement": 1.0, "accuracy_drop": 0.0, "seconds": seconds}}
+    rows = {"eager fp32": {"accuracy": base, "agreement": 1.0, "accuracy_drop": 0.0, "seconds": seconds}}
     for precision in precisions:
         model, _ = inference_model(ckpt, dev, precision=precision, compile=compile, data_dir=data_dir)
         predicted, _, seconds = predict(model)
@@ -232,7 +242,6 @@ def predict_images(
     ckpt = load_checkpoint(path)
     info = _info(ckpt)
     dev = pick_device(device)
-    model, amp = inference_model(ckpt, dev, precision=precision, compile=compile, data_dir=data_dir)
     to_input = eval_transform(info.image_size[0], info.channels, info.mean, info.std)
     if info.image_size[0] != info.image_size[1]:
         raise ReslabError("predict supports models trained on square images")
@@ -245,6 +254,7 @@ def predict_images(
             raise ReslabError(f"image not found: {image_path}") from None
         except (UnidentifiedImageError, OSError) as err:
             raise ReslabError(f"{image_path} is not a readable image: {err}") from None
+    model, amp = inference_model(ckpt, dev, precision=precision, compile=compile, data_dir=data_dir)
     k = max(1, min(topk, info.num_classes))
     with torch.no_grad(), autocast(dev, amp):
         probs = model(torch.stack(batch).to(dev)).float().softmax(dim=1)

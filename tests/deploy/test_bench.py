@@ -3,6 +3,7 @@
 import csv
 import json
 
+import pytest
 import torch
 
 from reslab.cli import main
@@ -51,7 +52,10 @@ def test_torchvision_twin_holds_the_same_weights():
     assert torchvision_twin(create_model("preact_resnet18", num_classes=10)) is None
 
 
-def test_unknown_model_is_a_one_line_error(capsys):
-    assert main(["bench", "resnet19"]) == 2
+@pytest.mark.parametrize(
+    "flags", [["resnet19"], ["resnet20", "-b", "0"], ["resnet20", "--img-size", "0"], ["resnet20", "--threads", "0"]]
+)
+def test_bad_bench_requests_are_one_line_errors(capsys, flags):
+    assert main(["bench", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("reslab: error:") and err.count("\n") == 1

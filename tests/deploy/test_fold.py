@@ -21,7 +21,8 @@ CASES = {
 
 
 def _trained_a_little(name: str, args: dict, size: int) -> tuple[nn.Module, torch.Tensor]:
-    """A model after 3 SGD steps, so BatchNorm's running statistics and affine weights are far from 0 and 1."""
+    """A model after 3 SGD steps (BatchNorm's affine weights moved, its running statistics updated), with
+    the running statistics then spread further, as after a long training, so that no fold is trivial."""
     model = create_model(name, **args)
     x = torch.randn(16, 3, size, size) * 2 + 0.5
     y = torch.randint(0, model.fc.out_features, (16,))
@@ -30,7 +31,16 @@ def _trained_a_little(name: str, args: dict, size: int) -> tuple[nn.Module, torc
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
         optimizer.zero_grad()
+    _spread_statistics(model)
     return model.eval(), x
+
+
+def _spread_statistics(model: nn.Module) -> None:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.add_(torch.randn_like(m.running_mean) * 0.5)
+                m.running_var.mul_(torch.empty_like(m.running_var).uniform_(0.5, 2))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -58,9 +68,7 @@ def test_folds_torchvision_models_too():
     import torchvision
 
     model = torchvision.models.resnet18(num_classes=10)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 1.5)
+    _spread_statistics(model)
     model.eval()
     x = torch.randn(2, 3, 64, 64)
     folded = fold_bn(model)
@@ -72,3 +80,20 @@ def test_folds_torchvision_models_too():
 def test_refuses_a_model_in_training_mode():
     with pytest.raises(ValueError, match="eval mode"):
         fold_bn(create_model("resnet20", **NARROW_CIFAR))
+
+
+def test_a_module_called_twice_is_not_folded():
+    """One conv applied to two inputs (weight sharing): folding its BN into it would change the other call."""
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) + self.conv(x.flip(3))
+
+    model = Shared()
+    _spread_statistics(model)
+    plan = fold_plan(model.eval())
+    assert plan.folded == [] and "called more than once" in plan.kept["bn"]

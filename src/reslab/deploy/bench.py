@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from reslab.deploy.export import OnnxRuntimeModel, export_onnx
-from reslab.deploy.hardware import bf16_native, describe, matmul_peak
+from reslab.deploy.hardware import bf16_native, describe, matmul_peak, synchronize
 from reslab.deploy.optimize import optimize
 
 
@@ -60,28 +60,23 @@ def torchvision_twin(model: nn.Module) -> nn.Module | None:
         twin.load_state_dict(model.state_dict())
     except (RuntimeError, TypeError, AttributeError):  # another architecture under the same name
         return None
-    return twin.eval()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return twin.eval().to(next(model.parameters()).device)
 
 
 def _time(step: Callable[[], object], device: torch.device, warmup: int, iters: int) -> tuple[float, float]:
     """(seconds of the first call, which compiles where it must; median seconds of a timed step)."""
     start = time.perf_counter()
     step()
-    _sync(device)
+    synchronize(device)
     first = time.perf_counter() - start
     for _ in range(warmup - 1):
         step()
     times = []
     for _ in range(iters):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         step()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return first, statistics.median(times)
 
@@ -184,9 +179,10 @@ def _measure_train(candidate: _Candidate, x: Tensor, spec: BenchSpec) -> tuple[f
     return _time(step, x.device, spec.warmup, spec.iters)
 
 
-def _peaks(device: torch.device, precisions: list[str]) -> dict[str, float]:
+def _peaks(device: torch.device) -> dict[str, float]:
+    # On GPUs, strict fp32 (no TF32), which cuDNN convolutions may beat with TF32: their share can pass 100%.
     peaks = {"fp32": matmul_peak(device, torch.float32)}
-    if "bf16" in precisions and bf16_native(device):  # emulated bf16 has no peak worth the name
+    if bf16_native(device):  # emulated bf16 has no peak worth the name
         peaks["bf16"] = matmul_peak(device, torch.bfloat16)
     return peaks
 
@@ -216,7 +212,7 @@ def run_bench(spec: BenchSpec, *, progress: Callable[[str], None] = lambda _: No
 
     device = next(spec.model.parameters()).device
     macs = summarize(spec.model, spec.input_shape).macs
-    report = BenchReport(machine=describe(device), peaks=_peaks(device, list(spec.precisions)))
+    report = BenchReport(machine=describe(device), peaks=_peaks(device))
     x = torch.randn(spec.batch_size, *spec.input_shape, device=device)
     kinds = ("inference", "train") if spec.bench == "both" else (spec.bench,)
     with tempfile.TemporaryDirectory() as onnx_dir:

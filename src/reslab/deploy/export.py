@@ -8,6 +8,7 @@ onnx, onnxscript and onnxruntime are the optional extra ``reslab[deploy]``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import tempfile
@@ -48,7 +49,7 @@ def export_onnx(
     require("onnxscript")
     onnx = require("onnx")
     path = Path(path)
-    folded = fold_bn(model.eval()).cpu().float()
+    folded = fold_bn(model).cpu().float()
     example = torch.randn(2, *input_shape)
     batch = torch.export.Dim("batch", min=1, max=65536)
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates each of its passes
@@ -108,15 +109,16 @@ def check_onnx(
     batch_sizes: Iterable[int] = (1, 3, 16),
     images: Tensor | None = None,
 ) -> dict[int, float]:
-    """Largest |ONNX Runtime - PyTorch| logit difference at each batch size: on the first ``images`` (real,
-    normalized ones: int8 ranges are calibrated for them), or on seeded random inputs."""
+    """Largest |ONNX Runtime - PyTorch| logit difference at each batch size, ``model`` in eval mode: on the first
+    ``images`` (real, normalized ones: int8 ranges are calibrated for them), or on seeded random inputs."""
     runtime = OnnxRuntimeModel(path)
+    on_cpu = model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu()
     generator = torch.Generator().manual_seed(0)
     differences = {}
     with torch.no_grad():
         for b in batch_sizes:
             x = images[:b].float().cpu() if images is not None else torch.randn(b, *input_shape, generator=generator)
-            differences[b] = (runtime(x) - model.eval().cpu().float()(x)).abs().max().item()
+            differences[len(x)] = (runtime(x) - on_cpu.float()(x)).abs().max().item()
     return differences
 
 
@@ -175,7 +177,9 @@ def _copy_metadata(source: str | Path, target: str | Path) -> None:
     onnx = require("onnx")
     metadata = {p.key: p.value for p in onnx.load(str(source), load_external_data=False).metadata_props}
     proto = onnx.load(str(target))
-    _set_metadata(proto, {**metadata, "reslab.precision": "int8"})
+    # Which weights: a file with int8 weights made on a VNNI CPU saturates on one without (see quantize_onnx).
+    weights = "int8 (made on a CPU with VNNI)" if int8_native() else "uint8 (made on a CPU without VNNI)"
+    _set_metadata(proto, {**metadata, "reslab.precision": "int8", "reslab.int8_weights": weights})
     onnx.save(proto, str(target))
 
 

@@ -30,7 +30,8 @@ class InferenceModel(nn.Module):
 
     A compiled model is specialized to the first batch size it sees; a smaller batch later (the last one of a
     dataset) is padded with zeros up to it and the padding's outputs dropped, which costs less than compiling
-    again. Folded BatchNorm makes every image's output independent of the rest of its batch, so this is exact.
+    again, and is exact: in inference each image's output is independent of the rest of its batch. A larger
+    batch compiles again.
     """
 
     def __init__(self, net: nn.Module, *, dtype: torch.dtype, channels_last: bool, compiled: bool) -> None:
@@ -47,7 +48,8 @@ class InferenceModel(nn.Module):
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         with torch.inference_mode():
             logits = self.net(x.to(self.dtype).contiguous(memory_format=memory_format))
-        return logits[:n].float()
+        # A copy: under CUDA graphs the output lives in a buffer that the next call overwrites.
+        return logits[:n].float() if logits.dtype != torch.float32 else logits[:n].clone()
 
 
 def _compile(net: nn.Module, device: torch.device) -> nn.Module:
@@ -103,7 +105,7 @@ def _int8(
     input_shape: tuple[int, int, int] | None,
 ) -> nn.Module:
     if device.type != "cpu":
-        raise ReslabError("int8 runs on the CPU (ONNX Runtime); use --device cpu, or bf16 on a GPU")
+        raise ReslabError("int8 runs on the CPU (ONNX Runtime): add --device cpu, or use bf16 on a GPU")
     if calibration is None or input_shape is None:
         raise ReslabError("int8 needs calibration images and the input shape")
     with tempfile.TemporaryDirectory() as tmp:
