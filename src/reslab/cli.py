@@ -251,9 +251,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
         out_dir=args.out_dir,
         device=args.device,
         precision=args.precision,
+        backend=args.backend,
         compile=args.compile,
     )
-    title = f"{report['dataset']} {report['split']}: {report['images']} images, {report['precision']}"
+    run_by = f" ({report['backend']})" if args.precision else ""
+    title = f"{report['dataset']} {report['split']}: {report['images']} images, {report['precision']}{run_by}"
     table = Table(title=title, min_width=44)
     table.add_column("class")
     table.add_column("accuracy", justify="right")
@@ -278,6 +280,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         topk=args.topk,
         device=args.device,
         precision=args.precision,
+        backend=args.backend,
         compile=args.compile,
         data_dir=args.data_dir,
     )

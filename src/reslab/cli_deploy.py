@@ -13,7 +13,9 @@ from pathlib import Path
 
 from reslab.errors import ReslabError
 
-PRECISIONS = ("fp32", "bf16", "int8")  # reslab.deploy.optimize's; kept here so that parsing imports no deploy code
+# reslab.deploy.optimize's; kept here so that parsing imports no deploy code
+PRECISIONS = ("fp32", "bf16", "int8")
+BACKENDS = ("auto", "torch", "onnxruntime")
 
 
 def quiet_compiler_logs() -> None:
@@ -29,6 +31,13 @@ def add_precision_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="run the deployment copy (folded BatchNorm, channels-last) in this precision; int8 calibrates on "
         "512 training images (default: the model as trained)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="with --precision: torch, onnxruntime (fp32, int8; CPU) or auto: for fp32 on a CPU, time both on "
+        "16 images and keep the faster (default)",
     )
     p.add_argument("--compile", action="store_true", help="with --precision fp32/bf16: torch.compile it first")
 
@@ -85,7 +94,8 @@ def _export_onnx(args: argparse.Namespace, ckpt: dict, model, metadata: dict[str
             batches = calibration_batches(ckpt, data_dir=args.data_dir, images=args.calibration_images)
             quantize_onnx(fp32, out, batches)
             images = torch.cat(batches)
-    kept = f"; kept {len(plan.kept)} (they read a residual sum)" if plan.kept else ""
+    name, why = next(iter(plan.kept.items()), ("", ""))
+    kept = f"; {len(plan.kept)} kept, e.g. {name}: {why}" if plan.kept else ""
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {'int8' if args.int8 else 'fp32'}, dynamic batch; "
           f"{len(plan.folded)} BatchNorms folded into their convolutions{kept}")  # fmt: skip
     differences = check_onnx(out, model, input_shape=shape, images=images)
@@ -139,6 +149,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         model=model, batch_size=args.batch_size, input_shape=shape, bench=args.bench,
         precisions=tuple(dict.fromkeys(args.precision)), channels_last=args.channels_last,
         torchcompile=args.torchcompile, baselines=args.baselines, warmup=args.warmup, iters=args.iters,
+        backend=args.backend,
     )  # fmt: skip
     report = run_bench(spec, progress=lambda what: print(f"measuring {what}", file=sys.stderr, flush=True))
     _print_bench(report)
@@ -208,6 +219,7 @@ def add_deploy_parsers(sub) -> None:
     p.add_argument("--in-chans", type=int, default=3)
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["fp32"], help="reslab's rows")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="of reslab's rows (see reslab eval --help)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--torchcompile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument(

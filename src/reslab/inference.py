@@ -97,6 +97,7 @@ def inference_model(
     device: torch.device,
     *,
     precision: str | None = None,
+    backend: str = "auto",
     compile: bool = False,
     data_dir: str | None = None,
 ) -> tuple[torch.nn.Module, torch.dtype | None]:
@@ -113,7 +114,8 @@ def inference_model(
     info = _info(ckpt)
     calibration = calibration_batches(ckpt, data_dir=data_dir) if precision == "int8" else None
     shape = (info.channels, *info.image_size)
-    return optimize(model, precision, compile=compile, calibration=calibration, input_shape=shape), None
+    fast = optimize(model, precision, backend=backend, compile=compile, calibration=calibration, input_shape=shape)
+    return fast, None
 
 
 def evaluate_checkpoint(
@@ -126,6 +128,7 @@ def evaluate_checkpoint(
     device: str = "auto",
     batch_size: int = 1000,
     precision: str | None = None,
+    backend: str = "auto",
     compile: bool = False,
 ) -> tuple[EvalResult, dict[str, Any]]:
     """Accuracy, per-class accuracy and confusion matrix of a checkpoint on ``split`` ("test" or "val").
@@ -144,7 +147,9 @@ def evaluate_checkpoint(
     # int8 calibrates on the training split: in data_dir only when that holds the dataset trained on.
     same_data = name == cfg["dataset"] and name != "imagefolder"
     calibration_dir = data_dir if same_data else None
-    model, amp = inference_model(ckpt, dev, precision=precision, compile=compile, data_dir=calibration_dir)
+    model, amp = inference_model(
+        ckpt, dev, precision=precision, backend=backend, compile=compile, data_dir=calibration_dir
+    )
     # Normalize with the statistics the model was trained with, not the reloaded split's.
     loader = _loader(ckpt, data, in_memory, dev, batch_size)
     result = evaluate(
@@ -157,6 +162,7 @@ def evaluate_checkpoint(
         "dataset": name,
         "split": split,
         "precision": precision or "as trained",
+        "backend": getattr(model, "backend", "torch eager"),
         "images": int(result.confusion.sum()),
         "accuracy": result.accuracy,
         "loss": result.loss,
@@ -182,6 +188,7 @@ def compare_precisions(
     *,
     split: str = "test",
     data_dir: str | None = None,
+    backend: str = "auto",
     compile: bool = False,
     device: str = "cpu",
 ) -> dict[str, dict[str, float]]:
@@ -205,7 +212,7 @@ def compare_precisions(
     base = (reference == labels).float().mean().item()
     rows = {"eager fp32": {"accuracy": base, "agreement": 1.0, "accuracy_drop": 0.0, "seconds": seconds}}
     for precision in precisions:
-        model, _ = inference_model(ckpt, dev, precision=precision, compile=compile, data_dir=data_dir)
+        model, _ = inference_model(ckpt, dev, precision=precision, backend=backend, compile=compile, data_dir=data_dir)
         predicted, _, seconds = predict(model)
         accuracy = (predicted == labels).float().mean().item()
         agreement = (predicted == reference).float().mean().item()
@@ -231,6 +238,7 @@ def predict_images(
     topk: int = 3,
     device: str = "auto",
     precision: str | None = None,
+    backend: str = "auto",
     compile: bool = False,
     data_dir: str | None = None,
 ) -> list[Prediction]:
@@ -254,7 +262,7 @@ def predict_images(
             raise ReslabError(f"image not found: {image_path}") from None
         except (UnidentifiedImageError, OSError) as err:
             raise ReslabError(f"{image_path} is not a readable image: {err}") from None
-    model, amp = inference_model(ckpt, dev, precision=precision, compile=compile, data_dir=data_dir)
+    model, amp = inference_model(ckpt, dev, precision=precision, backend=backend, compile=compile, data_dir=data_dir)
     k = max(1, min(topk, info.num_classes))
     with torch.no_grad(), autocast(dev, amp):
         probs = model(torch.stack(batch).to(dev)).float().softmax(dim=1)

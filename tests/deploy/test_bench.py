@@ -14,7 +14,7 @@ TIMM_COLUMNS = {"infer_samples_per_sec", "infer_step_time", "infer_batch_size", 
 
 
 def test_bench_writes_every_backend_with_ratios(checkpoint_path, tmp_path):
-    quick = ["-b", "8", "--iters", "1", "--warmup", "1", "--no-torchcompile", "--threads", "2"]
+    quick = ["-b", "8", "--iters", "1", "--warmup", "1", "--no-torchcompile", "--threads", "2", "--backend", "torch"]
     out = tmp_path / "bench.json"
     assert main(["bench", str(checkpoint_path), *quick, "--precision", "fp32", "int8", "--results-file", str(out)]) == 0
     report = json.loads(out.read_text())
@@ -23,7 +23,7 @@ def test_bench_writes_every_backend_with_ratios(checkpoint_path, tmp_path):
         "reslab (no torchvision twin) eager",
         "reslab (no torchvision twin) channels-last + autocast",
         "onnxruntime",
-        "reslab folded",
+        "reslab torch eager, folded",
         "reslab onnxruntime QDQ",
     ]
     assert [r["precision"] for r in rows] == ["fp32", "bf16", "fp32", "fp32", "int8"]

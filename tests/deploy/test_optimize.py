@@ -20,11 +20,21 @@ def precisions(checkpoint_path):
 def test_compiled_fp32_matches_eager_also_for_a_smaller_last_batch(trained):
     ckpt, model = trained
     x = calibration_batches(ckpt, images=32, batch_size=32)[0]
-    fast = optimize(model, "fp32", compile=True)
+    fast = optimize(model, "fp32", backend="torch", compile=True)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(fast(x[:5]), model(x[:5]), atol=1e-4, rtol=1e-4)  # padded to the compiled 32
     assert fast.compiled_batch == 32 and fast(x).dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "auto"])
+def test_fp32_in_onnxruntime_or_the_faster_of_both_matches_eager(trained, backend):
+    ckpt, model = trained
+    x = calibration_batches(ckpt, images=24, batch_size=24)[0]
+    fast = optimize(model, "fp32", backend=backend, compile=False, input_shape=(1, 28, 28))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), atol=1e-4, rtol=1e-4)
+    assert fast.backend in (["onnxruntime"] if backend == "onnxruntime" else ["onnxruntime", "torch eager"])
 
 
 def test_bf16_agrees_with_fp32_on_the_test_set(precisions):
@@ -46,5 +56,9 @@ def test_bad_requests_are_one_sentence(trained):
         optimize(model, "fp16")
     with pytest.raises(ReslabError, match="int8 needs calibration images"):
         optimize(model, "int8")
+    with pytest.raises(ReslabError, match="int8 runs through ONNX Runtime"):
+        optimize(model, "int8", backend="torch")
+    with pytest.raises(ReslabError, match="needs the input shape"):
+        optimize(model, "fp32", backend="onnxruntime")
     with pytest.raises(ReslabError, match="eval mode"):
         optimize(copy.deepcopy(model).train(), "fp32")

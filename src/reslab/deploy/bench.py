@@ -38,6 +38,7 @@ class BenchSpec:
     baselines: bool = True
     warmup: int = 2  # steps before timing; the first also compiles
     iters: int = 5  # timed steps; the median is reported
+    backend: str = "auto"  # of reslab's fp32 and bf16 rows: torch, onnxruntime or auto (int8 is onnxruntime's)
     calibration: list[Tensor] | None = None  # int8's calibration batches (default: the benchmark's random input)
 
 
@@ -104,12 +105,9 @@ def _inference_candidates(spec: BenchSpec, onnx_dir: Path) -> list[_Candidate]:
             shape = spec.input_shape
             exported = lambda: OnnxRuntimeModel(export_onnx(model, onnx_dir / "m.onnx", input_shape=shape))  # noqa: E731
             rows.append(_Candidate("onnxruntime", "fp32", exported))
-    for precision in spec.precisions:
+    for precision in spec.precisions:  # labelled "reslab <backend>" once built: auto picks one
         compiled = spec.torchcompile and precision != "int8"
-        backend = (
-            "reslab onnxruntime QDQ" if precision == "int8" else "reslab folded" + (", compiled" if compiled else "")
-        )
-        rows.append(_Candidate(backend, precision, _optimizer(spec, precision, compiled)))
+        rows.append(_Candidate("reslab", precision, _optimizer(spec, precision, compiled)))
     return rows
 
 
@@ -118,7 +116,8 @@ def _optimizer(spec: BenchSpec, precision: str, compiled: bool) -> Callable[[], 
         device = next(spec.model.parameters()).device
         calibration = spec.calibration or [torch.randn(spec.batch_size, *spec.input_shape, device=device)]
         return optimize(
-            spec.model, precision, compile=compiled, channels_last=spec.channels_last,
+            spec.model, precision, backend="auto" if precision == "int8" else spec.backend, compile=compiled,
+            channels_last=spec.channels_last,
             calibration=calibration, input_shape=spec.input_shape,
         )  # fmt: skip
 
@@ -127,6 +126,8 @@ def _optimizer(spec: BenchSpec, precision: str, compiled: bool) -> Callable[[], 
 
 def _measure_inference(candidate: _Candidate, x: Tensor, spec: BenchSpec) -> tuple[float, float]:
     net = candidate.build()
+    if candidate.backend == "reslab":
+        candidate.backend = f"reslab {net.backend}" + (" QDQ" if candidate.precision == "int8" else ", folded")
     if candidate.channels_last:
         net = copy.deepcopy(net).to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)

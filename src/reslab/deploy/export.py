@@ -92,7 +92,7 @@ class OnnxRuntimeModel(nn.Module):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
-        self.path = str(path)
+        self.path, self.backend = str(path), "onnxruntime"
         self.session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
 
     def forward(self, x: Tensor) -> Tensor:
