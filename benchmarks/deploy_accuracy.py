@@ -31,7 +31,8 @@ def main() -> None:
     rows = compare_precisions(args.checkpoint, tuple(args.precisions), compile=args.compile, device=args.device)
     for name, row in rows.items():
         print(
-            f"{name:>10}: accuracy {row['accuracy']:.2%}, agreement {row['agreement']:.2%}, "
+            f"{name:>10} ({row.get('backend', 'torch eager')}): accuracy {row['accuracy']:.2%}, "
+            f"agreement {row['agreement']:.2%}, "
             f"drop {row['accuracy_drop'] * 100:+.2f} points, {row['seconds']:.1f} s"
         )
     out = Path(args.out)

@@ -230,7 +230,12 @@ def add_deploy_parsers(sub) -> None:
     )
     p.add_argument("--threads", type=int, default=None, help="for every backend alike (default: torch's)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5, help="timed steps; the median is reported")
+    p.add_argument(
+        "--iters",
+        type=int,
+        default=5,
+        help="rounds that time one step of every backend in turn; the median is reported",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--results-file", default=None, help="write the rows and the machine there")
     p.add_argument("--results-format", choices=("json", "csv"), default=None, help="default: by the file's suffix")

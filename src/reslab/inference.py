@@ -217,6 +217,7 @@ def compare_precisions(
         accuracy = (predicted == labels).float().mean().item()
         agreement = (predicted == reference).float().mean().item()
         rows[precision] = {
+            "backend": model.backend,
             "accuracy": accuracy,
             "agreement": agreement,
             "accuracy_drop": base - accuracy,

@@ -14,7 +14,7 @@ TIMM_COLUMNS = {"infer_samples_per_sec", "infer_step_time", "infer_batch_size", 
 
 
 def test_bench_writes_every_backend_with_ratios(checkpoint_path, tmp_path):
-    quick = ["-b", "8", "--iters", "1", "--warmup", "1", "--no-torchcompile", "--threads", "2", "--backend", "torch"]
+    quick = ["-b", "2", "--iters", "1", "--warmup", "1", "--no-torchcompile", "--threads", "2", "--backend", "torch"]
     out = tmp_path / "bench.json"
     assert main(["bench", str(checkpoint_path), *quick, "--precision", "fp32", "int8", "--results-file", str(out)]) == 0
     report = json.loads(out.read_text())
@@ -29,7 +29,7 @@ def test_bench_writes_every_backend_with_ratios(checkpoint_path, tmp_path):
     assert [r["precision"] for r in rows] == ["fp32", "bf16", "fp32", "fp32", "int8"]
     assert TIMM_COLUMNS | {"param_count", "ratio", "gflops", "peak_share"} <= set(rows[0])
     assert rows[0]["ratio"] == 1.0 and all(r["infer_samples_per_sec"] > 0 for r in rows)
-    assert rows[0]["infer_img_size"] == 28 and rows[0]["infer_batch_size"] == 8
+    assert rows[0]["infer_img_size"] == 28 and rows[0]["infer_batch_size"] == 2
     assert report["peaks"]["fp32"] > 0 and report["machine"]["threads"] == 2
     assert "cpu_flags" in report["machine"] and report["command"].startswith("reslab bench")
 

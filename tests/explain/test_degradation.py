@@ -58,8 +58,9 @@ def test_figure_and_summary(result, tmp_path):
 
 def test_a_changed_recipe_trains_again(result):
     _, _, _, options = result
-    changed = degradation.measure(**{**options, "depths": [20, 32], "epochs": 2})
-    assert not changed["runs"]["resnet20"]["reused"] and len(changed["runs"]["resnet20"]["history"]) == 2
+    changed = degradation.measure(**{**options, "seed": 1})  # another seed: another recipe, as cheap as the first
+    assert not any(run["reused"] for run in changed["runs"].values())
+    assert changed["runs"]["resnet20"]["history"] != result[0]["runs"]["resnet20"]["history"]
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,7 @@ class BenchSpec:
     torchcompile: bool = True
     baselines: bool = True
     warmup: int = 2  # steps before timing; the first also compiles
-    iters: int = 5  # timed steps; the median is reported
+    iters: int = 5  # rounds, each timing one step of every backend in turn; the median is reported
     backend: str = "auto"  # of reslab's fp32 and bf16 rows: torch, onnxruntime or auto (int8 is onnxruntime's)
     calibration: list[Tensor] | None = None  # int8's calibration batches (default: the benchmark's random input)
 
@@ -64,22 +64,33 @@ def torchvision_twin(model: nn.Module) -> nn.Module | None:
     return twin.eval().to(next(model.parameters()).device)
 
 
-def _time(step: Callable[[], object], device: torch.device, warmup: int, iters: int) -> tuple[float, float]:
-    """(seconds of the first call, which compiles where it must; median seconds of a timed step)."""
+def _first_call(step: Callable[[], object], device: torch.device, warmup: int) -> float:
+    """Seconds of the first call (which compiles where it must), then the rest of the warm-up."""
     start = time.perf_counter()
     step()
     synchronize(device)
     first = time.perf_counter() - start
     for _ in range(warmup - 1):
         step()
-    times = []
-    for _ in range(iters):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times)
+    return first
+
+
+def _timed(step: Callable[[], object], device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    step()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def _interleaved(steps: list[Callable[[], object]], device: torch.device, rounds: int) -> list[float]:
+    """Median seconds per step of each of ``steps``, timed in turn, one step each per round: a shared machine's
+    slow moments then fall on every backend alike, not on whichever ran during them."""
+    times: list[list[float]] = [[] for _ in steps]
+    for _ in range(rounds):
+        for step, seconds in zip(steps, times, strict=True):
+            seconds.append(_timed(step, device))
+    return [statistics.median(seconds) for seconds in times]
 
 
 @dataclass
@@ -124,7 +135,7 @@ def _optimizer(spec: BenchSpec, precision: str, compiled: bool) -> Callable[[], 
     return build
 
 
-def _measure_inference(candidate: _Candidate, x: Tensor, spec: BenchSpec) -> tuple[float, float]:
+def _inference_step(candidate: _Candidate, x: Tensor, spec: BenchSpec) -> Callable[[], object]:
     net = candidate.build()
     if candidate.backend == "reslab":
         candidate.backend = f"reslab {net.backend}" + (" QDQ" if candidate.precision == "int8" else ", folded")
@@ -137,7 +148,7 @@ def _measure_inference(candidate: _Candidate, x: Tensor, spec: BenchSpec) -> tup
                                                     enabled=candidate.autocast is not None):  # fmt: skip
             return net(x)
 
-    return _time(step, x.device, spec.warmup, spec.iters)
+    return step
 
 
 def _train_candidates(spec: BenchSpec) -> list[_Candidate]:
@@ -163,7 +174,7 @@ def _train_model(spec: BenchSpec) -> Callable[[], nn.Module]:
     return build
 
 
-def _measure_train(candidate: _Candidate, x: Tensor, spec: BenchSpec) -> tuple[float, float]:
+def _train_step(candidate: _Candidate, x: Tensor, spec: BenchSpec) -> Callable[[], object]:
     net = candidate.build().train()
     if candidate.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -177,7 +188,7 @@ def _measure_train(candidate: _Candidate, x: Tensor, spec: BenchSpec) -> tuple[f
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return _time(step, x.device, spec.warmup, spec.iters)
+    return step
 
 
 def _peaks(device: torch.device) -> dict[str, float]:
@@ -208,7 +219,8 @@ def _row(kind: str, candidate: _Candidate, times: tuple[float, float], spec: Ben
 
 
 def run_bench(spec: BenchSpec, *, progress: Callable[[str], None] = lambda _: None) -> BenchReport:
-    """Measure every row of ``spec``: baselines first, then reslab's precisions. ``progress`` hears each row."""
+    """Measure every row of ``spec`` (baselines first, then reslab's precisions): each is built and warmed up,
+    then all are timed in turn for ``spec.iters`` rounds. ``progress`` hears what is being done."""
     from reslab.analysis.summary import summarize
 
     device = next(spec.model.parameters()).device
@@ -220,11 +232,18 @@ def run_bench(spec: BenchSpec, *, progress: Callable[[str], None] = lambda _: No
         for kind in kinds:
             short = "infer" if kind == "inference" else "train"
             candidates = _inference_candidates(spec, Path(onnx_dir)) if kind == "inference" else _train_candidates(spec)
-            measure = _measure_inference if kind == "inference" else _measure_train
-            kind_rows = []
-            for candidate in candidates:
-                progress(f"{kind}: {candidate.backend} {candidate.precision}")
-                kind_rows.append(_row(short, candidate, measure(candidate, x, spec), spec, macs))
+            prepare = _inference_step if kind == "inference" else _train_step
+            steps, firsts = [], []
+            for candidate in candidates:  # every backend built and warm before any is timed
+                progress(f"{kind}: building and warming up {candidate.backend} {candidate.precision}")
+                steps.append(prepare(candidate, x, spec))
+                firsts.append(_first_call(steps[-1], device, spec.warmup))
+            progress(f"{kind}: timing {len(steps)} backends in turn, {spec.iters} rounds")
+            medians = _interleaved(steps, device, spec.iters)
+            kind_rows = [
+                _row(short, c, (first, step), spec, macs)
+                for c, first, step in zip(candidates, firsts, medians, strict=True)
+            ]
             _add_ratios(kind_rows, short, report.peaks)
             report.rows += kind_rows
     return report

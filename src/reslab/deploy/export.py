@@ -92,6 +92,9 @@ class OnnxRuntimeModel(nn.Module):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
+        # Idle threads sleep instead of spinning, so that they never take a core from other work on the machine
+        # (reslab bench times several backends in turn, in one process).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path, self.backend = str(path), "onnxruntime"
         self.session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
 
