@@ -1,5 +1,7 @@
 """``reslab export`` and the deployment paths of eval and predict, on the trained fixture model."""
 
+import contextlib
+import io
 import json
 
 import numpy as np
@@ -14,10 +16,18 @@ from reslab.inference import calibration_batches
 
 
 @pytest.fixture(scope="module")
-def onnx_path(checkpoint_path):
+def exported(checkpoint_path):
+    """(the fp32 ONNX file of ``reslab export``, what the command printed)."""
     out = checkpoint_path.parent / "fp32.onnx"
-    assert main(["export", str(checkpoint_path), "--out", str(out)]) == 0
-    return out
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["export", str(checkpoint_path), "--out", str(out)]) == 0
+    return out, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def onnx_path(exported):
+    return exported[0]
 
 
 def test_onnx_has_a_dynamic_batch_and_matches_pytorch_at_several_batch_sizes(onnx_path, trained):
@@ -30,9 +40,8 @@ def test_onnx_has_a_dynamic_batch_and_matches_pytorch_at_several_batch_sizes(onn
     assert max(differences.values()) < 1e-4, differences
 
 
-def test_export_prints_what_it_folded_and_the_differences(checkpoint_path, tmp_path, capsys):
-    assert main(["export", str(checkpoint_path), "--out", str(tmp_path / "m.onnx")]) == 0
-    out = capsys.readouterr().out
+def test_export_prints_what_it_folded_and_the_differences(exported):
+    out = exported[1]
     assert "fp32, dynamic batch; 7 BatchNorms folded" in out
     assert "largest logit difference: batch 1: " in out and "batch 16: " in out
 
