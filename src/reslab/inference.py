@@ -73,6 +73,21 @@ def _loader(ckpt: dict[str, Any], data: Any, in_memory: bool, device: torch.devi
     )
 
 
+def checkpoint_batches(
+    ckpt: dict[str, Any],
+    *,
+    split: str = "test",
+    data_dir: str | None = None,
+    device: torch.device | None = None,
+    batch_size: int = 1000,
+):
+    """Fixed-order (x, y) batches of the checkpoint's own dataset's ``split`` ("train", "val" or "test"),
+    normalized with the training statistics: x (B, C, H, W) float on ``device`` (default: the CPU), y (B,)
+    class indices."""
+    data, in_memory = _split(ckpt, ckpt["config"]["dataset"], data_dir, split)
+    return _loader(ckpt, data, in_memory, device or torch.device("cpu"), batch_size)
+
+
 def calibration_batches(
     ckpt: dict[str, Any], *, data_dir: str | None = None, images: int = 512, batch_size: int = 64
 ) -> list[Tensor]:
@@ -196,9 +211,8 @@ def compare_precisions(
     top-1 agreement with the eager fp32 model, its accuracy drop and the seconds its pass took (with
     ``compile``, the compilation included). No autocast, no test-time flip: each image is scored once."""
     ckpt = load_checkpoint(path)
-    data, in_memory = _split(ckpt, ckpt["config"]["dataset"], data_dir, split)
     dev = pick_device(device)
-    loader = _loader(ckpt, data, in_memory, dev, 1000)
+    loader = checkpoint_batches(ckpt, split=split, data_dir=data_dir, device=dev)
 
     def predict(model: torch.nn.Module) -> tuple[Tensor, Tensor, float]:
         start, predictions, labels = time.perf_counter(), [], []

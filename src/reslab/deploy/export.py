@@ -136,19 +136,29 @@ class _Calibration:
         return None if batch is None else {INPUT: batch.detach().float().cpu().contiguous().numpy()}
 
 
-def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, calibration: Iterable[Tensor]) -> Path:
+def quantize_onnx(
+    fp32_path: str | Path,
+    int8_path: str | Path,
+    calibration: Iterable[Tensor],
+    *,
+    weights: str = "auto",
+    fp32_ends: bool = True,
+) -> Path:
     """Static int8 quantization (QDQ, per-channel weights) of an fp32 ONNX file, calibrated on ``calibration``.
 
-    Activations are uint8. Weights are int8 where the CPU has VNNI; without it they are uint8, because x86's
-    u8 x s8 instruction (VPMADDUBSW) saturates its 16-bit sums (ONNX Runtime's quantization guide): on this
-    project's AVX2 CPU, int8 weights took the small test model's top-1 agreement with fp32 from 98.9% to 92.8%.
-    The first convolution and the classifier stay in fp32, as is usual: they hold a few percent of the work
-    and most of the error (agreement 98.9% -> 99.3%, accuracy drop 0.08 -> 0.00 points on that model).
+    Activations are uint8. ``weights="auto"`` makes weights int8 where the CPU has VNNI and uint8 where it has
+    not, because x86's u8 x s8 instruction (VPMADDUBSW) saturates its 16-bit sums (ONNX Runtime's quantization
+    guide), while u8 x u8 does not. ``fp32_ends`` keeps the first convolution and the classifier in fp32, as is
+    usual: they hold a few percent of the work and much of the error. ``benchmarks/int8_choices.py`` measures
+    both choices (README, "Deployment and performance").
     """
+    if weights not in ("auto", "int8", "uint8"):
+        raise ReslabError(f"int8 weights must be auto, int8 or uint8, not {weights!r}")
     require("onnx")
     quantization = require("onnxruntime.quantization")
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    signed = weights == "int8" or (weights == "auto" and int8_native())
     int8_path = Path(int8_path)
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
@@ -157,14 +167,17 @@ def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, calibration: Ite
             str(prepared),
             str(int8_path),
             _Calibration(calibration),
-            nodes_to_exclude=_first_and_last_layers(prepared),
+            nodes_to_exclude=_first_and_last_layers(prepared) if fp32_ends else [],
             quant_format=quantization.QuantFormat.QDQ,
             per_channel=True,
             activation_type=quantization.QuantType.QUInt8,
-            weight_type=quantization.QuantType.QInt8 if int8_native() else quantization.QuantType.QUInt8,
+            weight_type=quantization.QuantType.QInt8 if signed else quantization.QuantType.QUInt8,
             calibrate_method=quantization.CalibrationMethod.MinMax,
         )
-    _copy_metadata(fp32_path, int8_path)
+    # Which weights: a file with int8 weights saturates on a CPU without VNNI (see above).
+    _copy_metadata(
+        fp32_path, int8_path, {"reslab.precision": "int8", "reslab.int8_weights": "int8" if signed else "uint8"}
+    )
     return int8_path
 
 
@@ -176,13 +189,11 @@ def _first_and_last_layers(path: Path) -> list[str]:
     return first + [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul")]
 
 
-def _copy_metadata(source: str | Path, target: str | Path) -> None:
+def _copy_metadata(source: str | Path, target: str | Path, extra: Mapping[str, str]) -> None:
     onnx = require("onnx")
     metadata = {p.key: p.value for p in onnx.load(str(source), load_external_data=False).metadata_props}
     proto = onnx.load(str(target))
-    # Which weights: a file with int8 weights made on a VNNI CPU saturates on one without (see quantize_onnx).
-    weights = "int8 (made on a CPU with VNNI)" if int8_native() else "uint8 (made on a CPU without VNNI)"
-    _set_metadata(proto, {**metadata, "reslab.precision": "int8", "reslab.int8_weights": weights})
+    _set_metadata(proto, {**metadata, **extra})
     onnx.save(proto, str(target))
 
 

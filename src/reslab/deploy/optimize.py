@@ -5,8 +5,8 @@ in fp32, bf16 or int8.
   then ``torch.compile``: on a CPU with freezing (weights become constants that inductor pre-packs for oneDNN),
   on a GPU with max-autotune and CUDA graphs. Calls run under ``torch.inference_mode``.
 - fp32 on a CPU can also run in ONNX Runtime (folded, exported): ``backend="auto"`` times both and keeps the
-  faster. On this project's AVX2 CPU ONNX Runtime won, 17.4 against 12.0 images/s for ResNet-50 at batch 16
-  (``reslab bench``, README "Deployment and performance"): its NCHWc convolutions beat oneDNN's there.
+  faster. On this project's AVX2 CPU ONNX Runtime won: 14.9 against 12.7 images/s for ResNet-50 at batch 16
+  (``reslab bench``, benchmarks/results/bench_resnet50_b16_cpu*.json, README "Deployment and performance").
 - int8: exported to ONNX and quantized statically by ONNX Runtime (``export.quantize_onnx``), calibrated on
   training images; ONNX Runtime then runs it on the CPU.
 """

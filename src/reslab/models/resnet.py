@@ -157,7 +157,7 @@ class ResNet(nn.Module):
 
     def _init_weights(self, zero_init_residual: bool) -> None:
         if self.conv1.weight.is_meta:  # shapes only (model tables, summaries): no values to set, and meta
-            return  # tensors' random init runs as slow Python (12 of 19 s building the 42-model table)
+            return  # tensors' random init runs as slow Python (most of the time the 42-model table took)
         # He initialization (He et al. 2015, "Delving Deep into Rectifiers"), as torchvision.
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
