@@ -20,7 +20,7 @@ import torch
 
 from reslab.deploy import OnnxRuntimeModel, export_onnx, quantize_onnx
 from reslab.deploy.hardware import describe
-from reslab.inference import _info, calibration_batches, checkpoint_batches
+from reslab.inference import calibration_batches, checkpoint_batches
 from reslab.train.checkpoint import load_checkpoint, model_from_checkpoint
 
 VARIANTS = {
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/int8_choices_cpu.json")
     args = parser.parse_args()
     ckpt = load_checkpoint(args.checkpoint)
-    model, info = model_from_checkpoint(ckpt), _info(ckpt)
+    model, info = model_from_checkpoint(ckpt), ckpt["dataset"]
     batches = list(checkpoint_batches(ckpt))
     labels = torch.cat([y for _, y in batches])
     with torch.no_grad():
@@ -45,7 +45,7 @@ def main() -> None:
     rows = {"eager fp32": {"accuracy": (reference == labels).float().mean().item(), "agreement": 1.0}}
     calibration = calibration_batches(ckpt)
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = export_onnx(model, Path(tmp) / "fp32.onnx", input_shape=(info.channels, *info.image_size))
+        fp32 = export_onnx(model, Path(tmp) / "fp32.onnx", input_shape=(info["channels"], *info["image_size"]))
         for name, options in VARIANTS.items():
             int8 = OnnxRuntimeModel(quantize_onnx(fp32, Path(tmp) / "int8.onnx", calibration, **options))
             predicted = torch.cat([int8(x) for x, _ in batches]).argmax(1)
