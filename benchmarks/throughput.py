@@ -8,7 +8,9 @@ Three ways to train the same ResNet on Fashion-MNIST-shaped data (1x28x28, batch
 2. baseline with reslab's data path: batch augmentation of uint8 tensors, still float32 and NCHW;
 3. reslab's default path (what `reslab train` runs): batch augmentation, bf16 autocast where the CPU runs it
    natively, channels-last.
-Images per second are reported with the ratio to (1).
+Images per second are reported with the ratio to (1), and as a share of this machine's matrix-product peak in
+the path's precision: the training FLOPs of one image (counted by torch.utils.flop_counter on a real forward
+and backward pass) times images per second, against `reslab.deploy.hardware.matmul_peak`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,19 @@ from torchvision import transforms
 
 from reslab import create_model
 from reslab.data import Augment, DatasetInfo, TensorBatchLoader, TensorSplit
+from reslab.deploy.hardware import matmul_peak
 from reslab.train.runtime import cpu_has_fast_bf16
+
+
+def train_flops_per_image(model_name: str, **model_args) -> float:
+    """FLOPs of one training step (forward and backward) per image, as torch.utils.flop_counter counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = create_model(model_name, in_chans=1, **model_args)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.randn(2, 1, 28, 28)).sum().backward()
+    return counter.get_total_flops() / 2
 
 
 def _images(n: int) -> TensorSplit:
@@ -132,9 +146,25 @@ def main() -> None:
         results["reslab_default_path_compiled"] = _train(model, batches, args.steps, amp)
 
     base = results["baseline_fp32_nchw_dataloader"]
-    rows = [{"path": k, "images_per_second": round(v, 1), "speedup": round(v / base, 2)} for k, v in results.items()]
+    flops = train_flops_per_image(args.model)
+    cpu = torch.device("cpu")
+    peaks = {None: matmul_peak(cpu, torch.float32), torch.bfloat16: matmul_peak(cpu, torch.bfloat16)}
+    precision = {k: (amp if "reslab_default" in k else None) for k in results}
+    rows = [
+        {
+            "path": k,
+            "images_per_second": round(v, 1),
+            "speedup": round(v / base, 2),
+            "gflops": round(v * flops / 1e9, 1),
+            "share_of_peak": round(v * flops / 1e9 / peaks[precision[k]], 3),
+        }
+        for k, v in results.items()
+    ]
     for r in rows:
-        print(f"{r['path']:<32} {r['images_per_second']:>8.1f} img/s  {r['speedup']:.2f}x")
+        print(
+            f"{r['path']:<40} {r['images_per_second']:>8.1f} img/s  {r['speedup']:.2f}x  "
+            f"{r['gflops']:>6.1f} GFLOP/s  {r['share_of_peak']:.1%} of peak"
+        )
     machine = {
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
@@ -151,6 +181,8 @@ def main() -> None:
                 "steps": args.steps,
                 "machine": machine,
                 "results": rows,
+                "train_flops_per_image": flops,
+                "matmul_peak_gflops": {"float32": round(peaks[None], 1), "bfloat16": round(peaks[torch.bfloat16], 1)},
                 "compile_warmup_seconds": compile_seconds,
             },
             indent=2,

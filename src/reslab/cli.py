@@ -46,7 +46,7 @@ def _model_rows(pattern: str | None) -> tuple[dict[str, str], ...]:
             {
                 "name": name,
                 "family": spec.family,
-                "depth": str(model.depth),
+                "depth": str(spec.depth or model.depth),
                 "block": cfg["block"] + (f" {cfg['groups']}x{cfg['width_per_group']}d" if cfg["groups"] > 1 else ""),
                 "version": cfg["version"],
                 "shortcut": cfg["shortcut"] if cfg["residual"] else "none",
@@ -126,6 +126,10 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                 action="append",
                 metavar="KEY=VALUE",
                 help="extra create_model option, e.g. drop_path_rate=0.1 or widths=[32,64,128]",
+            )
+        elif isinstance(default, list):
+            p.add_argument(
+                flag, dest=f.name, nargs="+", type=int, default=None, help=f"{helps.get(f.name, '')} (default: none)"
             )
         elif isinstance(default, bool) or f.name == "channels_last":
             p.add_argument(

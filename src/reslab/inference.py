@@ -168,7 +168,13 @@ def evaluate_checkpoint(
     # Normalize with the statistics the model was trained with, not the reloaded split's.
     loader = _loader(ckpt, data, in_memory, dev, batch_size)
     result = evaluate(
-        model, loader, num_classes=info.num_classes, device=dev, amp_dtype=amp, tta_flip=cfg.get("tta_flip", False)
+        model,
+        loader,
+        num_classes=info.num_classes,
+        device=dev,
+        amp_dtype=amp,
+        tta_flip=cfg.get("tta_flip", False),
+        tta_translate=cfg.get("tta_translate", 0),
     )
     out = Path(out_dir) if out_dir else Path(path).parent
     out.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,12 @@ def test_grayscale_input(name):
 TORCHVISION_PARAMS = {"resnet18": 11_689_512, "resnet50": 25_557_032, "resnet152": 60_192_808}
 # He et al. 2015, Table 6 (CIFAR-10, option A), to the precision the paper states; He et al. 2016 for
 # pre-activation 164. (The paper's 10.2M for ResNet-1001 counts weights without BN's affine parameters.)
+# Zagoruyko and Komodakis 2016, Tables 1 and 4, for the Wide ResNets.
 PAPER_PARAMS_M = {
+    "wrn16_4": (2.7, 1),
+    "wrn16_8": (11.0, 1),
+    "wrn28_10": (36.5, 1),
+    "wrn40_4": (8.9, 1),
     "resnet20": (0.27, 2),
     "resnet32": (0.46, 2),
     "resnet44": (0.66, 2),
@@ -93,6 +98,30 @@ def test_depth_follows_the_papers():
     for name, depth in depths.items():
         with torch.device("meta"):
             assert create_model(name).depth == depth
+    # Wide ResNets are named by the paper's 6n+4: WRN-28-10 has n = 4 blocks per stage.
+    assert get_spec("wrn28_10").depth == 28 and get_spec("wrn28_10").kwargs["layers"] == (4, 4, 4)
+
+
+def test_wide_resnet_is_pre_activation_with_dropout_between_its_convolutions():
+    model = create_model("wrn16_4", dropout=0.3, in_chans=1)
+    block = model.layer2[0]
+    assert model.config["version"] == "v2" and model.stage_channels == [64, 128, 256]
+    assert isinstance(block.dropout, torch.nn.Dropout) and block.dropout.p == 0.3
+    assert isinstance(model.layer1[0].downsample[0], torch.nn.Conv2d)  # 16 -> 64 channels: a projection
+    x = torch.randn(4, 1, 28, 28)
+    model.eval()
+    assert torch.equal(model(x), model(x))  # no dropout in inference
+    model.train()
+    calls = []
+    block.conv2.register_forward_pre_hook(lambda m, args: calls.append(args[0]))
+    torch.manual_seed(0)
+    model(x)
+    dropped = calls[0] == 0
+    # The input of the second convolution is ReLU(BN(.)) dropped at rate 0.3: about 30% more zeros than
+    # the ReLU alone gives, and the kept values scaled by 1 / 0.7.
+    assert 0.55 < dropped.float().mean() < 0.8
+    with pytest.raises(ReslabError, match="pre-activation basic blocks"):
+        create_model("resnet50", dropout=0.3)
 
 
 def test_plain_twin_has_no_shortcuts():

@@ -314,3 +314,47 @@ def test_resuming_on_changed_data_is_refused(tmp_path, signal_at_step):
     next((tmp_path / "images" / "cat").iterdir()).unlink()  # one image fewer: every split would change
     with pytest.raises(ReslabError, match=r"the data changed since .*last\.pt was saved \(images per split then"):
         fit(cfg, resume="auto")
+
+
+def test_the_sync_free_loop_gives_the_same_run_as_looking_after_every_step(tiny_config, tmp_path):
+    """The host reading each step at once, or only at the end of each epoch, changes nothing that is computed."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = {}
+    for every in (1, 1000):
+        cfg = tiny_config(epochs=2, sync_every_steps=every, log_every_steps=4, out_dir=str(tmp_path / str(every)))
+        runs[every] = (fit(cfg), load_checkpoint(cfg.run_dir() / "last.pt"))
+        events = EventAccumulator(str(cfg.run_dir() / "tensorboard"))
+        events.Reload()
+        runs[every] += ([(e.step, e.value) for e in events.Scalars("loss/train")],)
+    (a, last_a, curve_a), (b, last_b, curve_b) = runs[1], runs[1000]
+    assert_same_run(last_a, last_b)
+    assert a["test_acc"] == b["test_acc"] and a["test_loss"] == b["test_loss"]
+    assert curve_a == curve_b and [s for s, _ in curve_a] == [4, 8, 12, 16, 20, 24, 28]
+
+
+def test_new_training_options_resume_exactly(tiny_config, tmp_path, signal_at_step):
+    """Weight average, random erasing, progressive sizes, translate TTA and lr scaling: stopped and resumed
+    mid-epoch, the run ends as one that never stopped."""
+    options = dict(
+        ema_decay=0.9,
+        random_erasing=0.5,
+        progressive_sizes=[20, 28],
+        tta_flip=True,
+        tta_translate=1,
+        lr_reference_batch=64,
+        epochs=2,
+    )
+    straight = tiny_config(out_dir=str(tmp_path / "straight"), **options)
+    expected = fit(straight)
+    cut = tiny_config(out_dir=str(tmp_path / "cut"), save_every_steps=5, **options)
+    signal_at_step(8)
+    with pytest.raises(TrainingStopped):
+        fit(cut)
+    signal_at_step(None)
+    resumed = fit(cut, resume="auto")
+    a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert_same_run(a, b)
+    assert all(torch.equal(v, b["ema"]["module"][k]) for k, v in a["ema"]["module"].items())
+    assert expected["test_acc"] == resumed["test_acc"] and expected["best_weights"] == resumed["best_weights"]
+    assert b["scheduler"]["base_lrs"][0] == pytest.approx(0.05 * 32 / 64)  # lr 0.05 is for batch 64; this is 32

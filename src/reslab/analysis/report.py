@@ -33,7 +33,7 @@ from reslab.data.datasets import recorded_data_dir
 from reslab.errors import ReslabError
 from reslab.inference import evaluate_checkpoint
 from reslab.train.checkpoint import load_checkpoint, model_from_checkpoint
-from reslab.train.engine import autocast
+from reslab.train.engine import autocast, predict_logits
 from reslab.train.runtime import pick_amp, pick_device
 
 GRID_IMAGES = 32  # 4 rows of 8: enough to see what the model gets right and wrong, few enough to read
@@ -189,17 +189,16 @@ def _test_sample(best: dict, data_dir: str | None) -> TensorSplit:
 @torch.no_grad()
 def predict(best: dict, split: TensorSplit, device: str) -> Tensor:
     """The predicted class (N,) of each uint8 image of ``split``, scored as ``evaluate_checkpoint`` scores them:
-    the checkpoint's normalization, mixed precision and flip test-time augmentation."""
+    the checkpoint's normalization, mixed precision and test-time augmentation."""
     dev = pick_device(device)
     info = DatasetInfo(**{**best["dataset"], "image_size": tuple(best["dataset"]["image_size"])})
     model = model_from_checkpoint(best).to(dev)
-    amp, tta_flip = pick_amp(best["config"].get("amp", "auto"), dev), best["config"].get("tta_flip", False)
+    cfg = best["config"]
+    amp = pick_amp(cfg.get("amp", "auto"), dev)
     predicted = []
     for x, _ in TensorBatchLoader(split, info, batch_size=500, train=False, device=dev):
         with autocast(dev, amp):
-            logits = model(x).float()
-            if tta_flip:
-                logits = (logits + model(x.flip(3)).float()) / 2
+            logits = predict_logits(model, x, flip=cfg.get("tta_flip", False), translate=cfg.get("tta_translate", 0))
         predicted.append(logits.argmax(dim=1).cpu())
     return torch.cat(predicted)
 

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
+from reslab.data.augment import ERASE_AREA
 from reslab.data.types import DataBundle, DatasetInfo, stratified_split
 from reslab.data.verify import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, check_images, read_image
 from reslab.errors import ReslabError
@@ -108,8 +109,9 @@ def eval_transform(image_size: int, in_chans: int, mean, std) -> transforms.Comp
     )
 
 
-def train_transform(image_size: int, in_chans: int, mean, std, *, crop_padding: int, flip: bool):
-    """The training augmentation: random crop with padding and horizontal flip, then normalize."""
+def train_transform(image_size: int, in_chans: int, mean, std, *, crop_padding: int, flip: bool, erase: float = 0.0):
+    """The training augmentation: random crop with padding and horizontal flip, then normalize, then random
+    erasing with probability ``erase`` (torchvision's RandomErasing, filling with random values)."""
     steps = [
         ConvertMode(in_chans),
         transforms.Resize((image_size, image_size)),
@@ -119,6 +121,8 @@ def train_transform(image_size: int, in_chans: int, mean, std, *, crop_padding: 
     if flip:
         steps.append(transforms.RandomHorizontalFlip())
     steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    if erase > 0:
+        steps.append(transforms.RandomErasing(p=erase, scale=ERASE_AREA, ratio=(0.3, 1 / 0.3), value="random"))
     return transforms.Compose(steps)
 
 

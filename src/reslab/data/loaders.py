@@ -18,17 +18,24 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from reslab.data.augment import normalize, random_crop, random_hflip
+from reslab.data.augment import normalize, random_crop, random_erase, random_hflip, resize
 from reslab.data.types import DatasetInfo, TensorSplit
 from reslab.errors import ReslabError
 
 
 @dataclass(frozen=True)
 class Augment:
-    """Training-only augmentation: random crop after zero padding, random horizontal flip."""
+    """Training-only augmentation: random crop after zero padding, random horizontal flip, random erasing, and
+    progressive resizing (the training images of epoch ``e`` resized to ``sizes[e]``, the last size after)."""
 
     crop_padding: int = 4  # pixels; RandomCrop(32, padding=4) in the paper's CIFAR setup
     flip: bool = True
+    erase: float = 0.0  # probability of erasing a random rectangle of each image (Zhong et al. 2017 use 0.5)
+    sizes: tuple[int, ...] = ()  # per-epoch training image size (square); empty: the images' own size
+
+    def size_at(self, epoch: int) -> int | None:
+        """The training image size of ``epoch``, or None for the images' own size."""
+        return self.sizes[min(epoch, len(self.sizes) - 1)] if self.sizes else None
 
 
 def mix_seed(*parts: int) -> int:
@@ -106,8 +113,12 @@ class TensorBatchLoader:
                 x = random_crop(x, self.augment.crop_padding, generator)
                 if self.augment.flip:
                     x = random_hflip(x, generator)
-            x = normalize(x, self.mean, self.std).contiguous(memory_format=self.memory_format)
-            yield x, self.labels[batch]
+                x = random_erase(x, self.augment.erase, generator)
+            x = normalize(x, self.mean, self.std)
+            size = self.augment.size_at(self.epoch) if self.train else None
+            if size is not None and size != x.shape[-1]:
+                x = resize(x, size)
+            yield x.contiguous(memory_format=self.memory_format), self.labels[batch]
 
 
 class _EpochSampler(Sampler):

@@ -99,10 +99,13 @@ class _Block(nn.Module):
         groups, base_width: grouped convolution (ResNeXt) and width per group (Wide ResNet).
         stride_in_1x1: v1 puts a bottleneck's stride on its first 1x1, v1.5 on the 3x3.
         drop_path: stochastic-depth probability of dropping this block's branch while training.
+        dropout: probability of dropout between the two 3x3 convolutions of a pre-activation basic block
+            (Wide ResNets, Zagoruyko and Komodakis 2016, Sec. 2.3); the other blocks do not take it.
     """
 
     expansion: int = 1
     preact: bool = False
+    takes_dropout: bool = False
 
     def __init__(
         self,
@@ -116,10 +119,14 @@ class _Block(nn.Module):
         base_width: int = 64,
         stride_in_1x1: bool = False,
         drop_path: float = 0.0,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if not residual and (shortcut is not None or drop_path > 0):
             raise ValueError("a plain block has no shortcut and no stochastic depth")
+        if dropout and not self.takes_dropout:
+            name = type(self).__name__
+            raise ValueError(f"dropout between convolutions is built for pre-activation basic blocks, not {name}")
         self.residual = residual
         self._build_branch(
             in_channels=in_channels,
@@ -129,6 +136,7 @@ class _Block(nn.Module):
             base_width=base_width,
             stride_in_1x1=stride_in_1x1,
         )
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.downsample = shortcut  # torchvision's name for the shortcut module
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -241,6 +249,7 @@ class PreActBasicBlock(_Block):
 
     expansion = 1
     preact = True
+    takes_dropout = True  # the wide basic block of Wide ResNets: BN-ReLU-conv, BN-ReLU-dropout-conv
 
     def _build_branch(self, *, in_channels, planes, stride, groups, base_width, stride_in_1x1) -> None:
         _no_groups("PreActBasicBlock", groups, base_width)
@@ -254,7 +263,7 @@ class PreActBasicBlock(_Block):
         pre = self.relu(self.bn1(x))
         identity = self._shortcut(x, pre) if self.residual else None
         out = self.conv1(pre)
-        return self.conv2(self.relu(self.bn2(out))), identity
+        return self.conv2(self.dropout(self.relu(self.bn2(out)))), identity
 
     def last_norm_or_conv(self) -> nn.Module:
         return self.conv2

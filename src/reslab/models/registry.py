@@ -25,6 +25,7 @@ class ModelSpec:
     name: str
     description: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    depth: int | None = None  # the depth its paper names it by, where that counts differently from ResNet.depth
 
     @property
     def family(self) -> str:
@@ -34,11 +35,11 @@ class ModelSpec:
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register(name: str, description: str, **kwargs: Any) -> None:
+def register(name: str, description: str, *, depth: int | None = None, **kwargs: Any) -> None:
     """Add a model to the registry (names are unique)."""
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is registered twice")
-    _REGISTRY[name] = ModelSpec(name=name, description=description, kwargs=kwargs)
+    _REGISTRY[name] = ModelSpec(name=name, description=description, kwargs=kwargs, depth=depth)
 
 
 # --- ImageNet family (He et al. 2015, Table 1); v1.5 by default, as torchvision -----------------------------
@@ -137,6 +138,24 @@ register(
     layers=(111,) * 3,
     **_PREACT_CIFAR,
 )
+
+
+# Wide ResNets for small images (Zagoruyko and Komodakis 2016): pre-activation basic blocks ("wide basic"),
+# depth 6n+4 (the paper's count: 6n convolutions in the stages, the stem, the classifier and two of the
+# projection shortcuts; ``ResNet.depth`` counts 6n+2 for the same net), widths 16k, 32k, 64k after a
+# 16-channel stem. Projections wherever the shape changes, the first stage included (16 -> 16k channels).
+# ``dropout`` (the paper's 0.3) is an option: create_model("wrn28_10", dropout=0.3).
+WIDE = dict(block="basic", stem="cifar", version="v2", shortcut="B", stem_width=16, num_classes=10)
+for _depth, _k in ((16, 4), (16, 8), (28, 10), (40, 4)):
+    _n = (_depth - 4) // 6
+    register(
+        f"wrn{_depth}_{_k}",
+        f"Wide ResNet-{_depth}-{_k} (n={_n}, widths x{_k}), CIFAR",
+        depth=_depth,
+        layers=(_n,) * 3,
+        widths=(16 * _k, 32 * _k, 64 * _k),
+        **WIDE,
+    )
 
 
 def list_models(pattern: str | None = None) -> list[str]:

@@ -36,6 +36,7 @@ class TrainConfig:
     batch_size: int = 128  # per process; the paper's CIFAR runs use 128
     optimizer: str = "sgd"  # sgd | adam | adamw
     lr: float = 0.1  # the paper's CIFAR learning rate for SGD at batch 128
+    lr_reference_batch: int = 0  # 0: lr as given; N: lr is for a global batch of N, scaled to batch_size x processes
     momentum: float = 0.9  # SGD momentum; also Adam's beta1
     nesterov: bool = True  # a free, small gain over heavy-ball momentum for ResNets
     weight_decay: float = 5e-4  # applied to conv / linear weights only, never to BN or biases
@@ -44,11 +45,15 @@ class TrainConfig:
     gamma: float = 0.1  # step schedule: decay factor
     warmup_epochs: float = 0.0  # linear warmup from 0, in epochs (fractions allowed)
     label_smoothing: float = 0.0  # e.g. 0.1: a regularizer that helps short schedules
+    ema_decay: float = 0.0  # 0 = off; e.g. 0.99: also keep an average of the weights, used where it validates better
 
     # --- augmentation (training split only) --------------------------------------------------------------
     crop_padding: int = 4  # RandomCrop(size, padding=4); 0 turns it off
     flip: bool = True  # RandomHorizontalFlip
+    random_erasing: float = 0.0  # probability of erasing a random rectangle of each image (Zhong et al. 2017: 0.5)
+    progressive_sizes: list[int] = field(default_factory=list)  # training image size per epoch, e.g. [16, 20, 28]
     tta_flip: bool = False  # test set: average the logits of each image and its mirror (not used for validation)
+    tta_translate: int = 0  # test set: also average over the image shifted this many pixels (1 or 2), with tta_flip
 
     # --- early stopping ----------------------------------------------------------------------------------
     patience: int = 0  # stop after this many epochs without a better validation accuracy; 0 = never
@@ -69,6 +74,7 @@ class TrainConfig:
     hist_every: int = 1  # weight histograms every this many epochs (0 = never)
     save_every_steps: int = 0  # also checkpoint inside an epoch every N steps; 0 = auto, about once a minute
     log_every_steps: int = 10  # TensorBoard: training loss and learning rate every N steps
+    sync_every_steps: int = 10  # the host reads losses and the divergence check every N steps, so a GPU never waits
     quiet: bool = False  # no progress bar: one line per epoch, for logs and CI
 
     def run_dir(self) -> Path:
@@ -105,7 +111,9 @@ RESUMABLE_OVERRIDES = (
     "data_dir",
     "save_every_steps",
     "log_every_steps",
+    "sync_every_steps",
     "max_loss",
+    "tta_translate",
 )
 
 
@@ -172,7 +180,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name, options in CHOICES.items():
         if getattr(cfg, name) not in options:
             raise ReslabError(f"{name} must be one of {', '.join(options)}, not {getattr(cfg, name)!r}")
-    positive = ("epochs", "batch_size", "eval_batch_size", "step_size")
+    positive = ("epochs", "batch_size", "eval_batch_size", "step_size", "sync_every_steps")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ReslabError(f"{name} must be at least 1, not {getattr(cfg, name)}")
@@ -185,6 +193,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     clash = sorted({"num_classes", "in_chans"} & set(cfg.model_args))
     if clash:
         raise ReslabError(f"model_args cannot set {', '.join(clash)}: the dataset decides them")
+    for name in ("random_erasing", "ema_decay"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise ReslabError(f"{name} must be in [0, 1), not {getattr(cfg, name)}")
     if not 0 <= cfg.label_smoothing < 1:
         raise ReslabError(f"label_smoothing must be in [0, 1), not {cfg.label_smoothing}")
     if not 0 <= cfg.val_ratio < 1:
@@ -202,6 +213,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             "hist_every",
             "save_every_steps",
             "max_loss",
+            "tta_translate",
+            "lr_reference_batch",
         )
         if getattr(cfg, n) < 0
     ]
@@ -213,6 +226,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ReslabError(f"log_every_steps must be at least 1, not {cfg.log_every_steps}")
     if cfg.max_image_pixels < 1:
         raise ReslabError(f"max_image_pixels must be at least 1, not {cfg.max_image_pixels}")
+    if any(not isinstance(n, int) or n < 8 for n in cfg.progressive_sizes):
+        raise ReslabError(f"progressive_sizes must be image sizes of at least 8 pixels, not {cfg.progressive_sizes}")
     if cfg.image_size is not None and cfg.image_size < 8:
         raise ReslabError(f"image_size must be at least 8 pixels, not {cfg.image_size}")
     return cfg

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reslab.train.runtime import all_reduce_sum
@@ -131,6 +132,34 @@ class EvalResult:
         return (self.confusion.diag() / totals).tolist()
 
 
+def _shifted(x: Tensor, pixels: int) -> list[Tensor]:
+    """``x`` (B, C, H, W) moved ``pixels`` down-right and up-left, the uncovered border filled by reflection."""
+    padded = F.pad(x, (pixels, pixels, pixels, pixels), mode="reflect")
+    h, w = x.shape[-2:]
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    views = (padded[..., :h, :w], padded[..., 2 * pixels :, 2 * pixels :])
+    return [v.contiguous(memory_format=layout) for v in views]
+
+
+def predict_logits(model: nn.Module, x: Tensor, *, flip: bool = False, translate: int = 0) -> Tensor:
+    """Logits (B, classes) in float32 for images (B, C, H, W), averaged over test-time views.
+
+    ``flip`` adds each view's mirror image; ``translate`` adds the image moved that many pixels down-right and
+    up-left. The untranslated view weighs as much as the translated ones together (as in airbench), so a
+    shift that loses an edge of the object cannot outvote the image itself. Call inside ``autocast``.
+    """
+
+    def mirrored(view: Tensor) -> Tensor:
+        logits = model(view).float()
+        return (logits + model(view.flip(3)).float()) / 2 if flip else logits
+
+    logits = mirrored(x)
+    if translate:
+        shifted = [mirrored(v) for v in _shifted(x, translate)]
+        logits = (logits + sum(shifted) / len(shifted)) / 2
+    return logits
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -140,10 +169,11 @@ def evaluate(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     tta_flip: bool = False,
+    tta_translate: int = 0,
 ) -> EvalResult:
     """Loss, accuracy and confusion matrix over ``batches`` (summed over ranks), with BN running statistics.
 
-    ``tta_flip`` averages the logits of each image and its mirror image (test-time augmentation).
+    ``tta_flip`` and ``tta_translate`` average the logits over mirrored and shifted views (``predict_logits``).
     """
     model.eval()
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
@@ -151,9 +181,7 @@ def evaluate(
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
     for x, y in batches:
         with autocast(device, amp_dtype):
-            logits = model(x).float()
-            if tta_flip:
-                logits = (logits + model(x.flip(3)).float()) / 2
+            logits = predict_logits(model, x, flip=tta_flip, translate=tta_translate)
         loss_sum += loss_fn(logits, y)
         confusion += torch.bincount(y * num_classes + logits.argmax(dim=1), minlength=num_classes**2)
     all_reduce_sum(loss_sum)

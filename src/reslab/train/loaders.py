@@ -17,14 +17,27 @@ def build_loaders(bundle: DataBundle, cfg: TrainConfig, rt: runtime.Runtime):
         device=rt.device, channels_last=rt.channels_last, seed=cfg.seed, rank=rt.rank, world_size=rt.world_size
     )
     if bundle.in_memory:
-        augment = Augment(crop_padding=cfg.crop_padding, flip=cfg.flip)
+        augment = Augment(
+            crop_padding=cfg.crop_padding,
+            flip=cfg.flip,
+            erase=cfg.random_erasing,
+            sizes=tuple(cfg.progressive_sizes),
+        )
         train = TensorBatchLoader(bundle.train, info, batch_size=cfg.batch_size, train=True, augment=augment, **common)
 
         def make_eval(split):
             return TensorBatchLoader(split, info, batch_size=cfg.eval_batch_size, train=False, **common)
     else:
+        if cfg.progressive_sizes:
+            raise ReslabError("progressive_sizes works on in-memory datasets; for an image folder set image_size")
         bundle.train.transform = train_transform(
-            info.image_size[0], info.channels, info.mean, info.std, crop_padding=cfg.crop_padding, flip=cfg.flip
+            info.image_size[0],
+            info.channels,
+            info.mean,
+            info.std,
+            crop_padding=cfg.crop_padding,
+            flip=cfg.flip,
+            erase=cfg.random_erasing,
         )
         train = FolderBatchLoader(
             bundle.train, batch_size=cfg.batch_size, train=True, num_workers=cfg.num_workers, **common

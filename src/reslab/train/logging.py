@@ -72,14 +72,15 @@ class RunLogger:
         self.progress.start()
         self._task = self.progress.add_task("train", total=steps, completed=done, speed="-", loss="-")
 
-    def step(self, images_seen: int, loss: float | None) -> None:
+    def step(self, images_seen: int, loss: float | None, steps: int = 1) -> None:
+        """``steps`` more steps done, ``images_seen`` images this epoch so far, the last step's ``loss``."""
         if self.progress is None:
             return
         elapsed = time.perf_counter() - self._epoch_start
         fields = {"speed": f"{images_seen / max(elapsed, 1e-9):.0f}"}
         if loss is not None:
             fields["loss"] = f"{loss:.3f}"
-        self.progress.update(self._task, advance=1, **fields)
+        self.progress.update(self._task, advance=steps, **fields)
 
     def end_epoch(self) -> None:
         if self.progress is not None:
@@ -159,11 +160,15 @@ class GradNormTracker:
         return torch.stack(torch._foreach_norm(grads)).float()
 
     def add(self, norms: Tensor) -> None:
+        """One step's norms, counted only where all are finite (fp16's loss scaler skips the other steps). On
+        the device: no host synchronization."""
+        finite = torch.isfinite(norms).all()
+        norms = torch.where(finite, norms, torch.zeros_like(norms))
         self.total = norms if self.total is None else self.total + norms
-        self.steps += 1
+        self.steps = self.steps + finite.long()
 
     def state_dict(self) -> dict:
-        return {"total": None if self.total is None else self.total.cpu(), "steps": self.steps}
+        return {"total": None if self.total is None else self.total.cpu(), "steps": int(self.steps)}
 
     def load_state_dict(self, state: dict) -> None:
         total = state["total"]
@@ -173,6 +178,6 @@ class GradNormTracker:
     def pop(self) -> dict[str, float]:
         if self.total is None:
             return {}
-        means = (self.total / self.steps).tolist()
+        means = (self.total / max(int(self.steps), 1)).tolist()
         self.total, self.steps = None, 0
         return dict(zip(self.names, means, strict=True))

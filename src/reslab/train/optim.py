@@ -24,14 +24,32 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def scaled_lr(cfg: TrainConfig, world_size: int = 1) -> float:
+    """The learning rate this run uses: ``cfg.lr``, or with ``lr_reference_batch`` set, ``cfg.lr`` scaled
+    linearly from that batch size to the global one (Goyal et al. 2017, Sec. 2.1: batch k times larger, lr k
+    times larger; their gradual warmup, ``warmup_epochs``, keeps the first steps of a large lr stable)."""
+    if not cfg.lr_reference_batch:
+        return cfg.lr
+    return cfg.lr * cfg.batch_size * world_size / cfg.lr_reference_batch
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device, world_size: int = 1):
+    """SGD (Nesterov by default), Adam or AdamW over ``param_groups``.
+
+    Fused (one kernel for every parameter) where the device has the fused kernel (CPU, CUDA). Fused optimizers
+    also read ``optimizer.found_inf``, a tensor on the device, and skip the whole step when it is nonzero:
+    the trainer sets it to its divergence flag, so a bad step never reaches the weights without the host
+    having to look at the flag first.
+    """
     groups = param_groups(model, cfg.weight_decay)
+    lr, fused = scaled_lr(cfg, world_size), device.type in ("cpu", "cuda")
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+        nesterov = cfg.nesterov and cfg.momentum > 0
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=nesterov, fused=fused)
     betas = (cfg.momentum, 0.999)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=betas)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas)
+        return torch.optim.Adam(groups, lr=lr, betas=betas, fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 
 def lr_factor(step: int, *, total_steps: int, warmup_steps: int, steps_per_epoch: int, cfg: TrainConfig) -> float:

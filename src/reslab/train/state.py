@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from reslab.train.checkpoint import progress_of
+from reslab.train.ema import ModelEma
 from reslab.train.engine import EpochMeter
 from reslab.train.logging import GradNormTracker
 
@@ -31,10 +32,11 @@ class TrainState:
     scaler: torch.amp.GradScaler | None
     meter: EpochMeter  # the epoch in progress: summed loss and correct predictions
     tracker: GradNormTracker  # the epoch in progress: summed gradient norms
+    ema: ModelEma | None = None  # the average of the weights, when the run keeps one
     epoch: int = 0  # the epoch in progress, or the next one to start
     step: int = 0  # steps of that epoch already done
     epoch_seconds: float = 0.0  # training time of the epoch in progress, summed over resumes
-    best: dict[str, Any] = field(default_factory=_no_best)  # accuracy, epoch, state (CPU copy of the weights)
+    best: dict[str, Any] = field(default_factory=_no_best)  # accuracy, epoch, state (CPU copy), weights (raw/ema)
     history: list[dict] = field(default_factory=list)  # one record per finished epoch (metrics.jsonl)
     grad_norms: list[dict] = field(default_factory=list)  # per epoch: {"epoch": e, "norms": {param: mean norm}}
     stopped_early: bool = False
@@ -42,10 +44,12 @@ class TrainState:
     def global_step(self, steps_per_epoch: int) -> int:
         return self.epoch * steps_per_epoch + self.step
 
-    def remember_best(self, accuracy: float) -> None:
-        """The weights now are the best so far (with this validation accuracy); kept as a CPU copy."""
-        state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-        self.best = {"accuracy": accuracy, "epoch": self.epoch, "state": state}
+    def remember_best(self, accuracy: float, weights: str = "raw") -> None:
+        """The weights now (``"raw"``) or their average (``"ema"``) are the best so far, with this validation
+        accuracy; kept as a CPU copy."""
+        model = self.ema.module if weights == "ema" else self.model
+        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        self.best = {"accuracy": accuracy, "epoch": self.epoch, "state": state, "weights": weights}
 
     def finish_epoch(self) -> None:
         self.epoch, self.step, self.epoch_seconds = self.epoch + 1, 0, 0.0
@@ -62,6 +66,7 @@ class TrainState:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "meter": self.meter.state_dict(),
             "tracker": self.tracker.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "epoch_seconds": self.epoch_seconds,
             "best": self.best,
             "history": self.history,
@@ -75,10 +80,15 @@ class TrainState:
         The saved epoch sums are those of every rank together: rank 0 carries them on, the others start at zero.
         """
         self.model.load_state_dict(ckpt["model"])
+        fused = [group.get("fused") for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        for group, value in zip(self.optimizer.param_groups, fused, strict=True):
+            group["fused"] = value  # a checkpoint from before fused optimizers would turn it off (guard.py needs it)
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt["ema"])
         self.epoch, self.step = progress_of(ckpt)
         if "meter" in ckpt:
             self.meter.load_state_dict(ckpt["meter"], keep=rank == 0)

@@ -39,10 +39,12 @@ from reslab.train import runtime
 from reslab.train.checkpoint import FORMAT, atomic_save, clean_stale_temp_files, previous_path, resolve_resume
 from reslab.train.config import TrainConfig, check_resumable
 from reslab.train.divergence import diagnose, nonfinite_entries
-from reslab.train.engine import EpochMeter, evaluate, forward_backward, optimizer_step
+from reslab.train.ema import ModelEma
+from reslab.train.engine import EpochMeter, EvalResult, evaluate, forward_backward, optimizer_step
+from reslab.train.guard import StepRecord, StepWindow
 from reslab.train.loaders import build_loaders
 from reslab.train.logging import GradNormTracker, RunLogger
-from reslab.train.optim import build_optimizer, build_scheduler
+from reslab.train.optim import build_optimizer, build_scheduler, scaled_lr
 from reslab.train.signals import StopSignals, TrainingStopped
 from reslab.train.state import TrainState
 
@@ -100,6 +102,11 @@ class Trainer:
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.max_loss = cfg.max_loss or 100 * math.log(max(self.info.num_classes, 2))
         self.save_every = cfg.save_every_steps  # 0: decided after the first steps (_decide_save_interval)
+        self.window = StepWindow(rt.device, self.max_loss, distributed=rt.distributed)
+        # The host looks at each step before the optimizer applies it where the device cannot skip a step by
+        # itself: fp16 (its GradScaler owns the optimizer's found_inf) or an optimizer without a fused kernel.
+        self.host_checked = self.state.scaler is not None or not self.state.optimizer.defaults.get("fused")
+        self._steps_run, self._seconds_run = 0, 0.0  # in this process, for the auto checkpoint interval
         with runtime.shared_errors(rt):
             self.logger = self._make_logger(fresh=ckpt is None)
             self._announce()
@@ -178,7 +185,7 @@ class Trainer:
         model_args = {"num_classes": info.num_classes, "in_chans": info.channels, **cfg.model_args}
         model = create_model(cfg.model, **model_args)
         model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
-        optimizer = build_optimizer(model, cfg)
+        optimizer = build_optimizer(model, cfg, rt.device, rt.world_size)
         self.train_loader, self.val_loader, self.test_loader = build_loaders(self.bundle, cfg, rt)
         return TrainState(
             model=model,
@@ -187,6 +194,7 @@ class Trainer:
             scaler=torch.amp.GradScaler(rt.device.type) if rt.amp_dtype == torch.float16 else None,
             meter=EpochMeter(rt.device),
             tracker=GradNormTracker(model),
+            ema=ModelEma(model, cfg.ema_decay) if cfg.ema_decay else None,
         )
 
     def _wrap(self, model: nn.Module) -> nn.Module:
@@ -218,6 +226,12 @@ class Trainer:
             f"{rt.device.type} x{rt.world_size}, {'float32' if cfg.amp == 'off' else cfg.amp}, "
             f"{'channels-last' if rt.channels_last else 'channels-first'}{', compiled' if cfg.compile else ''}"
         )
+        if cfg.lr_reference_batch:
+            global_batch = cfg.batch_size * rt.world_size
+            self.logger.print(
+                f"lr {scaled_lr(cfg, rt.world_size):.4g}: {cfg.lr:g} at batch {cfg.lr_reference_batch}, "
+                f"scaled linearly to the global batch of {global_batch}"
+            )
         if self.resumed_from is not None:
             st = self.state
             self.logger.print(f"resumed from {self.resumed_from} at step {st.step} of epoch {st.epoch + 1}")
@@ -247,55 +261,79 @@ class Trainer:
         st, steps = self.state, len(self.train_loader)
         self.train_loader.set_epoch(st.epoch, st.step)
         self.logger.start_epoch(st.epoch, self.cfg.epochs, steps, done=st.step)
-        recent_losses: list[float] = []
-        started, images = time.perf_counter(), 0
+        self._recent_losses: list[float] = []
+        self._started, self._images = time.perf_counter(), 0
         for x, y in self.train_loader:
-            loss, stop = self._step(x, y)
+            self._step(x, y)
             st.step += 1
-            now = time.perf_counter()
-            st.epoch_seconds += now - started
-            images += len(x) * self.rt.world_size
-            recent_losses.append(loss)
-            if st.global_step(steps) % self.cfg.log_every_steps == 0:  # the same steps whether resumed or not
-                lr = st.optimizer.param_groups[0]["lr"]
-                self.logger.log_step(st.global_step(steps), sum(recent_losses) / len(recent_losses), lr)
-                recent_losses.clear()
-            self.logger.step(images, loss)
-            if stop:
-                self._save_last()
-                self._stopped()
-            if st.step < steps and self._save_due():
-                self._save_last()
-            started = time.perf_counter()  # a checkpoint's writing time is not training time
+            self._steps_run += 1
+            self._images += len(x) * self.rt.world_size
+            if self._sync_due(steps):
+                self._sync()
+                if self._agree(bool(self.signals.requested))[0]:
+                    self._save_last()
+                    self._stopped()
+                if st.step < steps and self._save_due():
+                    self._save_last()
+                    self._started = time.perf_counter()  # a checkpoint's writing time is not training time
         self.logger.end_epoch()
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, bool]:
-        """One checked training step; returns (its loss, whether a stop was asked for on any rank)."""
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One training step, queued on the device without waiting for it: the divergence check stays on the
+        device and the fused optimizer skips the step if it failed (``guard.py``); the host reads it later."""
         st, rt = self.state, self.rt
         rng_before = torch.get_rng_state()  # a replay of a diverging step draws the same drop-path masks
         loss, logits = forward_backward(
             self.model, x, y, self.loss_fn, st.optimizer, device=rt.device, amp_dtype=rt.amp_dtype, scaler=st.scaler
         )
         norms = st.tracker.norms()
-        total_norm = norms.sum() if norms is not None else torch.zeros((), device=rt.device)
-        loss_value, norm_value = torch.stack([loss.detach().float(), total_norm]).tolist()  # the step's one sync
-        finite_grads = math.isfinite(norm_value)
-        # fp16's loss scaler skips steps with overflowing gradients by design; everywhere else they are divergence.
-        bad = not math.isfinite(loss_value) or loss_value > self.max_loss or (st.scaler is None and not finite_grads)
-        bad, stop = self._agree(bad, bool(self.signals.requested))
-        if bad:
-            with runtime.shared_errors(rt):
-                torch.set_rng_state(rng_before)
-                self._diverged(x, y, loss_value)
-        if norms is not None and finite_grads:
+        found_inf = self.window.check(st.step, loss, norms if st.scaler is None else None, rng_before)
+        if self.host_checked:  # fp16's loss scaler, or an optimizer without found_inf: look before it steps
+            self._sync()
+        else:
+            st.optimizer.found_inf = found_inf
+        if norms is not None:
             st.tracker.add(norms)
         st.meter.add(loss, logits, y)
         optimizer_step(st.optimizer, st.scheduler, st.scaler)
-        if not self.rt.distributed:  # a signal that came during this step stops after it (under DDP, after the next)
-            stop = bool(self.signals.requested)
+        if st.ema is not None:
+            st.ema.update(st.model)
         if st.epoch == 0 and st.step == 0:
             self.logger.log_images(x, torch.tensor(self.info.mean), torch.tensor(self.info.std), 0)
-        return loss_value, stop
+
+    def _sync_due(self, steps: int) -> bool:
+        """Whether the host reads the window after this step: every ``sync_every_steps`` steps, at the epoch's
+        end, before a checkpoint, and (one process) as soon as a stop is asked for. The same steps on every rank."""
+        st = self.state
+        asked = not self.rt.distributed and bool(self.signals.requested)
+        return st.step % self.cfg.sync_every_steps == 0 or st.step == steps or self._save_due() or asked
+
+    def _sync(self) -> None:
+        """Read the steps since the last look (one host synchronization): stop at the first bad one, or log
+        them and move the progress bar."""
+        st, steps = self.state, len(self.train_loader)
+        records = self.window.read()
+        if not records:
+            return
+        bad = next((r for r in records if r.bad), None)
+        if bad is not None:
+            with runtime.shared_errors(self.rt):
+                self._diverged(bad)
+        now = time.perf_counter()
+        st.epoch_seconds += now - self._started
+        self._seconds_run += now - self._started
+        self._started = now
+        first = st.epoch * steps
+        for record in records:
+            self._recent_losses.append(record.loss)
+            step = first + record.step + 1  # global steps done after this one: the same whether resumed or not
+            if step % self.cfg.log_every_steps == 0:
+                lr = st.scheduler.base_lrs[0] * st.scheduler.lr_lambdas[0](step)  # the lr after that step
+                self.logger.log_step(step, sum(self._recent_losses) / len(self._recent_losses), lr)
+                self._recent_losses.clear()
+        self.logger.step(self._images, records[-1].loss, steps=len(records))
+        if not self.save_every and self._steps_run >= 5:
+            self.save_every = self._decide_save_interval()
 
     def _agree(self, *flags: bool) -> tuple[bool, ...]:
         """Under DDP every rank must stop at the same step: a flag raised on any rank holds on all."""
@@ -305,16 +343,11 @@ class Trainer:
         return tuple(v > 0 for v in runtime.all_reduce_sum(votes).tolist())
 
     def _save_due(self) -> bool:
-        if not self.save_every:
-            self.save_every = self._decide_save_interval()
         return bool(self.save_every) and self.state.step % self.save_every == 0
 
     def _decide_save_interval(self) -> int:
-        """save_every_steps=0: after 5 steps of this process, the number of steps in about a minute."""
-        self._timed_steps = getattr(self, "_timed_steps", 0) + 1
-        if self._timed_steps < 5:
-            return 0
-        seconds_per_step = self.state.epoch_seconds / max(self.state.step, 1)
+        """save_every_steps=0: once 5 steps of this process are read, the number of steps in about a minute."""
+        seconds_per_step = self._seconds_run / self._steps_run
         steps = max(1, round(AUTO_SAVE_SECONDS / max(seconds_per_step, 1e-6)))
         if self.rt.distributed:  # the same interval on every rank: saving gathers RNG states from all of them
             steps = int(runtime.all_reduce_sum(torch.tensor(float(steps), device=self.rt.device)) / self.rt.world_size)
@@ -322,25 +355,27 @@ class Trainer:
         self.logger.print(f"checkpoint every {steps} steps (about {steps * seconds_per_step:.0f} s of training)")
         return steps
 
+    def _validate(self, model: nn.Module) -> EvalResult | None:
+        if self.val_loader is None:
+            return None
+        info, rt = self.info, self.rt
+        return evaluate(model, self.val_loader, num_classes=info.num_classes, device=rt.device, amp_dtype=rt.amp_dtype)
+
     def _end_epoch(self) -> None:
-        st, cfg, info = self.state, self.cfg, self.info
+        st, cfg = self.state, self.cfg
         epoch, steps = st.epoch, len(self.train_loader)
         train = st.meter.result()
-        val = None
-        if self.val_loader is not None:
-            val = evaluate(
-                self.model,
-                self.val_loader,
-                num_classes=info.num_classes,
-                device=self.rt.device,
-                amp_dtype=self.rt.amp_dtype,
-            )
+        val = self._validate(self.model)
+        val_ema = self._validate(st.ema.module) if st.ema is not None else None
         with runtime.shared_errors(self.rt):
-            self._check_finite(f"after epoch {epoch + 1}", val.loss if val else train.loss)
-        # Without a validation split nothing is selected: the last epoch is the model.
-        improved = val is None or val.accuracy > st.best["accuracy"]
+            self._check_finite(f"after epoch {epoch + 1}", val.loss if val else train.loss, val_ema)
+        # The weight average replaces the weights where it validates better; without a validation split it is
+        # taken when there is one, and nothing is selected: the last epoch is the model.
+        use_ema = st.ema is not None and (val is None or val_ema.accuracy > val.accuracy)
+        accuracy = (val_ema if use_ema and val_ema else val or train).accuracy
+        improved = val is None or accuracy > st.best["accuracy"]
         if improved:
-            st.remember_best(val.accuracy if val is not None else train.accuracy)
+            st.remember_best(accuracy, weights="ema" if use_ema else "raw")
         record = {
             "epoch": epoch,
             "train_loss": train.loss,
@@ -352,12 +387,16 @@ class Trainer:
             "seconds": round(st.epoch_seconds, 3),
             "images_per_second": round(train.images / max(st.epoch_seconds, 1e-9), 1),
         }
+        if val_ema is not None:
+            record.update(val_loss_ema=val_ema.loss, val_acc_ema=val_ema.accuracy)
         st.history.append(record)
         st.grad_norms.append({"epoch": epoch, "norms": st.tracker.pop()})
         with runtime.shared_errors(self.rt):  # rank 0 writes; a full disk there must end every rank
             self.logger.log_epoch(record, (epoch + 1) * steps)
             self.logger.log_model(st.model, st.grad_norms[-1], (epoch + 1) * steps)
         val_text = f"val loss {val.loss:.4f} acc {val.accuracy:.2%}" if val else "no validation split"
+        if val_ema is not None:
+            val_text += f" (ema {val_ema.accuracy:.2%})"
         self.logger.print(
             f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {train.loss:.4f} acc {train.accuracy:.2%}  "
             f"{val_text}  {record['images_per_second']:.0f} img/s  {st.epoch_seconds:.1f}s"
@@ -434,17 +473,30 @@ class Trainer:
         raise TrainingStopped(message, self.signals.requested or 15)
 
     # --- divergence --------------------------------------------------------------------------------------
-    def _check_finite(self, when: str, loss: float) -> None:
-        """A non-finite weight, BatchNorm statistic or validation loss ends the run before anything is saved."""
-        bad = nonfinite_entries(self.state.model)
-        if not bad and math.isfinite(loss):
-            return
-        what = f"{bad[0]} holds non-finite values" if bad else f"the validation loss is {loss}"
-        raise ReslabError(f"training diverged {when}: {what}; nothing of it was saved. {self._restart_hint()}")
+    def _check_finite(self, when: str, loss: float, val_ema: EvalResult | None = None) -> None:
+        """A non-finite weight, BatchNorm statistic or validation loss (of the weights or of their average) ends
+        the run before anything is saved."""
+        ema = self.state.ema
+        entries = nonfinite_entries(self.state.model)
+        entries += [f"the weight average's {name}" for name in nonfinite_entries(ema.module)] if ema is not None else []
+        problems = [f"{name} holds non-finite values" for name in entries]
+        if not math.isfinite(loss):
+            problems.append(f"the validation loss is {loss}")
+        if val_ema is not None and not math.isfinite(val_ema.loss):
+            problems.append(f"the weight average's validation loss is {val_ema.loss}")
+        if problems:
+            raise ReslabError(
+                f"training diverged {when}: {problems[0]}; nothing of it was saved. {self._restart_hint()}"
+            )
 
-    def _diverged(self, x: torch.Tensor, y: torch.Tensor, loss: float) -> None:
-        st, rt = self.state, self.rt
+    def _diverged(self, bad: StepRecord) -> None:
+        """Stop at ``bad``, the first diverged step: its batch is replayed on the weights it saw (the optimizer
+        skipped it and every step after it), with its random state, to name the layer that went non-finite."""
+        st, rt, loss = self.state, self.rt, bad.loss
         try:
+            self.train_loader.set_epoch(st.epoch, bad.step)  # a step's batch is a function of (seed, epoch, step)
+            x, y = next(iter(self.train_loader))
+            torch.set_rng_state(bad.rng_state)
             scale = st.scaler.get_scale() if st.scaler is not None else 1.0  # fp16 overflowed at this scale
             found = diagnose(
                 st.model,
@@ -460,7 +512,7 @@ class Trainer:
             found = f"replaying the batch to find the layer failed ({type(err).__name__})"
         limit = f" (above --max-loss {self.max_loss:.3g})" if math.isfinite(loss) and loss > self.max_loss else ""
         raise ReslabError(
-            f"training diverged at step {st.step + 1} of epoch {st.epoch + 1}: the loss was {loss:.4g}{limit}; "
+            f"training diverged at step {bad.step + 1} of epoch {st.epoch + 1}: the loss was {loss:.4g}{limit}; "
             f"{found}. {self._restart_hint()}"
         )
 
@@ -485,6 +537,7 @@ class Trainer:
                 device=rt.device,
                 amp_dtype=rt.amp_dtype,
                 tta_flip=cfg.tta_flip,
+                tta_translate=cfg.tta_translate,
             )
         results = {
             "model": cfg.model,
@@ -493,10 +546,12 @@ class Trainer:
             "stopped_early": st.stopped_early,
             "best_epoch": st.best["epoch"] + 1,
             "best_val_acc": st.best["accuracy"] if self.val_loader is not None else None,
+            "best_weights": st.best.get("weights", "raw"),  # "ema": the weight average validated better
             "test_acc": test.accuracy if test else None,
             "test_loss": test.loss if test else None,
             "test_per_class_acc": dict(zip(info.classes, test.per_class_accuracy, strict=True)) if test else None,
             "train_seconds": round(sum(r["seconds"] for r in st.history), 2),
+            "train_images": sum(r["train_images"] for r in st.history),
             "wall_seconds": round(time.perf_counter() - self.wall_start, 2),
             "device": f"{rt.device.type} x{rt.world_size}",
             "amp": "float32" if cfg.amp == "off" else cfg.amp,
