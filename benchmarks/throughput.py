@@ -10,7 +10,8 @@ Three ways to train the same ResNet on Fashion-MNIST-shaped data (1x28x28, batch
    natively, channels-last.
 Images per second are reported with the ratio to (1), and as a share of this machine's matrix-product peak in
 the path's precision: the training FLOPs of one image (counted by torch.utils.flop_counter on a real forward
-and backward pass) times images per second, against `reslab.deploy.hardware.matmul_peak`.
+and backward pass) times images per second, against `reslab.deploy.hardware.matmul_peak`. A profile of the
+default path says which share of its time goes to matrix products and which to the rest.
 """
 
 from __future__ import annotations
@@ -67,6 +68,28 @@ def _train(model, batches, steps: int, amp: torch.dtype | None) -> float:
         opt.step()
         seen += len(y)
     return seen / (time.perf_counter() - start)
+
+
+MATRIX_OPS = ("conv", "mm", "linear", "matmul")  # aten op names whose time is matrix products
+
+
+def time_by_kind(model, batches, amp: torch.dtype | None, steps: int = 10) -> dict:
+    """Where a step's time goes: each aten op's own (self) CPU time over ``steps`` profiled steps, as shares of
+    all of it, split into matrix products (convolutions and their backward passes, linear) and the rest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _train(model, batches, 1, amp)  # warm
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        _train(model, batches, steps, amp)
+    ops = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    total = sum(e.self_cpu_time_total for e in ops)
+    matrix = sum(e.self_cpu_time_total for e in ops if any(m in e.key for m in MATRIX_OPS))
+    rest = sorted((e for e in ops if not any(m in e.key for m in MATRIX_OPS)), key=lambda e: -e.self_cpu_time_total)
+    return {
+        "matrix_products": round(matrix / total, 3),
+        "other": round(1 - matrix / total, 3),
+        "top_other_ops": {e.key: round(e.self_cpu_time_total / total, 3) for e in rest[:8]},
+    }
 
 
 def _forever(loader):
@@ -136,6 +159,8 @@ def main() -> None:
     for key, channels_last, dtype in (("reslab_data_fp32_nchw", False, None), ("reslab_default_path", True, amp)):
         results[key] = _train(reslab_model(channels_last), reslab_batches(channels_last), args.steps, dtype)
 
+    profile = time_by_kind(reslab_model(True), reslab_batches(True), amp)
+    print(f"default path: matrix products {profile['matrix_products']:.0%} of op time, other {profile['other']:.0%}")
     compile_seconds = None
     if args.compile:  # 4. the default path under torch.compile (its first, compiling step timed apart)
         batches = reslab_batches(True)
@@ -184,6 +209,7 @@ def main() -> None:
                 "train_flops_per_image": flops,
                 "matmul_peak_gflops": {"float32": round(peaks[None], 1), "bfloat16": round(peaks[torch.bfloat16], 1)},
                 "compile_warmup_seconds": compile_seconds,
+                "default_path_time_by_kind": profile,
             },
             indent=2,
         )

@@ -49,6 +49,7 @@ def run_once(recipe: str, seed: int, device: str, extra: list[str]) -> dict:
         "train_seconds": results["train_seconds"],
         "device": results["device"],
         "amp": results["amp"],
+        "run_dir": str(run_dir),  # its best.pt, for benchmarks/tta_gain.py
     }
 
 
@@ -99,8 +100,10 @@ def main() -> None:
     parser.add_argument("--max-images", type=int, default=None, help="training images budget")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--name", default=None, help="result file name; default: the recipe's")
-    parser.add_argument("extra", nargs="*", help="more `reslab train` flags (after --)")
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    args.extra = argv[split + 1 :]  # more `reslab train` flags, after --
     runs = []
     for seed in args.seeds:
         runs.append(run_once(args.recipe, seed, args.device, args.extra))

@@ -358,3 +358,26 @@ def test_new_training_options_resume_exactly(tiny_config, tmp_path, signal_at_st
     assert all(torch.equal(v, b["ema"]["module"][k]) for k, v in a["ema"]["module"].items())
     assert expected["test_acc"] == resumed["test_acc"] and expected["best_weights"] == resumed["best_weights"]
     assert b["scheduler"]["base_lrs"][0] == pytest.approx(0.05 * 32 / 64)  # lr 0.05 is for batch 64; this is 32
+
+
+def test_the_auto_checkpoint_interval_leaves_out_the_first_steps(tiny_config, monkeypatch):
+    """A slow first step (torch.compile compiling, kernels warming up) must not make a run checkpoint every few
+    steps: the interval is timed on the steps after the first look."""
+    import time
+
+    step, decided = trainer_module.Trainer._step, []
+
+    def slow_first_step(self, x, y):
+        if self.state.step == 0:
+            time.sleep(1.0)
+        step(self, x, y)
+
+    def decide(self):
+        decided.append((self._steps_run, self._seconds_run))
+        return 1000
+
+    monkeypatch.setattr(trainer_module.Trainer, "_step", slow_first_step)
+    monkeypatch.setattr(trainer_module.Trainer, "_decide_save_interval", decide)
+    fit(tiny_config(epochs=1, sync_every_steps=2, save_every_steps=0))
+    (steps, seconds), *_ = decided
+    assert steps == 6 and seconds < 1.0  # steps 3 to 8; the first window (steps 1 and 2) and its sleep left out

@@ -106,7 +106,9 @@ class Trainer:
         # The host looks at each step before the optimizer applies it where the device cannot skip a step by
         # itself: fp16 (its GradScaler owns the optimizer's found_inf) or an optimizer without a fused kernel.
         self.host_checked = self.state.scaler is not None or not self.state.optimizer.defaults.get("fused")
-        self._steps_run, self._seconds_run = 0, 0.0  # in this process, for the auto checkpoint interval
+        # Steps and seconds of this process after its first look, for the auto checkpoint interval: the first
+        # window holds one-off costs (torch.compile's compilation, allocator and kernel warm-up).
+        self._steps_run, self._seconds_run, self._warm = 0, 0.0, False
         with runtime.shared_errors(rt):
             self.logger = self._make_logger(fresh=ckpt is None)
             self._announce()
@@ -201,7 +203,9 @@ class Trainer:
         if self.rt.distributed:
             ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        return torch.compile(model) if self.cfg.compile else model
+        # dynamic=False: a shape seen twice (progressive sizes, the last partial batch) gets kernels of its own
+        # rather than one slower shape-generic graph for every size.
+        return torch.compile(model, dynamic=False) if self.cfg.compile else model
 
     def _make_logger(self, *, fresh: bool) -> RunLogger:
         if fresh and self.rt.is_main:  # a new run (maybe --overwrite): no curves of an older run in its TensorBoard
@@ -266,7 +270,6 @@ class Trainer:
         for x, y in self.train_loader:
             self._step(x, y)
             st.step += 1
-            self._steps_run += 1
             self._images += len(x) * self.rt.world_size
             if self._sync_due(steps):
                 self._sync()
@@ -321,8 +324,10 @@ class Trainer:
                 self._diverged(bad)
         now = time.perf_counter()
         st.epoch_seconds += now - self._started
-        self._seconds_run += now - self._started
-        self._started = now
+        if self._warm:
+            self._steps_run += len(records)
+            self._seconds_run += now - self._started
+        self._warm, self._started = True, now
         first = st.epoch * steps
         for record in records:
             self._recent_losses.append(record.loss)
@@ -346,7 +351,8 @@ class Trainer:
         return bool(self.save_every) and self.state.step % self.save_every == 0
 
     def _decide_save_interval(self) -> int:
-        """save_every_steps=0: once 5 steps of this process are read, the number of steps in about a minute."""
+        """save_every_steps=0: once 5 steps after this process's first look are timed, the number of steps in
+        about a minute."""
         seconds_per_step = self._seconds_run / self._steps_run
         steps = max(1, round(AUTO_SAVE_SECONDS / max(seconds_per_step, 1e-6)))
         if self.rt.distributed:  # the same interval on every rank: saving gathers RNG states from all of them
