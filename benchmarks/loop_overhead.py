@@ -1,13 +1,14 @@
 """What the training loop costs: `reslab train`'s images/s against the bare training step, same model, same run.
 
-Usage: python benchmarks/loop_overhead.py [--model resnet20] [--batch-size 512] [--device cpu] [--epochs 2]
+Usage: python benchmarks/loop_overhead.py [--model resnet20] [--batch-size 512] [--device cpu] [--epochs 2] [--compile]
 
 The bare step is forward, backward and the fused optimizer on the loader's batches, with nothing else: no
 divergence check, no metrics, no logging, no checkpoints. The loop is `reslab.train.fit` on the same data
 (Fashion-MNIST, all 60,000 training images) with everything on, once looking at each step at once
 (`sync_every_steps=1`) and once every 10 steps (the default). The loop's images/s are those of its last
-epoch (the first holds one-off costs such as the first TensorBoard image grid). Writes
-benchmarks/results/loop_overhead_<device>.json.
+epoch (the first holds one-off costs such as the first TensorBoard image grid and compilation). With
+--compile both run under torch.compile, and the eager bare step is timed too, for comparison. Writes
+benchmarks/results/loop_overhead_<device>[_compiled].json.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from reslab.train import TrainConfig, fit
 from reslab.train.runtime import pick_amp
 
 
-def bare_step(model_name: str, batch_size: int, device: torch.device, steps: int) -> float:
+def bare_step(model_name: str, batch_size: int, device: torch.device, steps: int, compile: bool) -> float:
     """Images per second of forward + backward + fused SGD, nothing else, after 5 warm-up steps."""
     bundle = load_dataset("fashion-mnist", val_ratio=0.0, download=False)
     loader = TensorBatchLoader(
@@ -42,6 +43,7 @@ def bare_step(model_name: str, batch_size: int, device: torch.device, steps: int
     torch.manual_seed(0)
     model = create_model(model_name, in_chans=1).to(device, memory_format=torch.channels_last).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, fused=True)
+    model = torch.compile(model, dynamic=False) if compile else model  # as `reslab train --compile` wraps it
     loss_fn = torch.nn.CrossEntropyLoss()
     amp = pick_amp("auto", device)
     batches = iter(loader)
@@ -59,7 +61,7 @@ def bare_step(model_name: str, batch_size: int, device: torch.device, steps: int
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def loop(model_name: str, batch_size: int, device: str, epochs: int, sync_every: int) -> float:
+def loop(model_name: str, batch_size: int, device: str, epochs: int, sync_every: int, compile: bool) -> float:
     """Images per second of `fit`'s last epoch."""
     out = Path(tempfile.mkdtemp(prefix="reslab-loop-"))
     cfg = TrainConfig(
@@ -75,6 +77,7 @@ def loop(model_name: str, batch_size: int, device: str, epochs: int, sync_every:
         out_dir=str(out),
         sync_every_steps=sync_every,
         hist_every=0,
+        compile=compile,
     )
     fit(cfg)
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -88,20 +91,31 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--steps", type=int, default=60, help="timed steps of the bare step")
+    parser.add_argument("--compile", action="store_true", help="both under torch.compile")
     args = parser.parse_args()
     device = torch.device(args.device)
-    bare = bare_step(args.model, args.batch_size, device, args.steps)
+    bare = bare_step(args.model, args.batch_size, device, args.steps, args.compile)
     rows = {"bare_step": bare}
+    if args.compile:  # what compiling gains on the bare step, in the same run (this machine's speed drifts)
+        rows["bare_step_eager"] = bare_step(args.model, args.batch_size, device, args.steps, False)
     for every in (1, 10):
-        rows[f"reslab_train_sync_every_{every}"] = loop(args.model, args.batch_size, args.device, args.epochs, every)
+        rows[f"reslab_train_sync_every_{every}"] = loop(
+            args.model, args.batch_size, args.device, args.epochs, every, args.compile
+        )
     results = [
         {"path": k, "images_per_second": round(v, 1), "share_of_bare_step": round(v / bare, 3)} for k, v in rows.items()
     ]
     for r in results:
         print(f"{r['path']:<32} {r['images_per_second']:>9.1f} img/s  {r['share_of_bare_step']:.1%}")
-    out = Path(f"benchmarks/results/loop_overhead_{device.type}.json")
+    out = Path(f"benchmarks/results/loop_overhead_{device.type}{'_compiled' if args.compile else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"model": args.model, "batch_size": args.batch_size, "results": results, "machine": describe(device)}
+    record = {
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "compile": args.compile,
+        "results": results,
+        "machine": describe(device),
+    }
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
 

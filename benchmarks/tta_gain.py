@@ -27,7 +27,14 @@ def gains(path: str) -> dict[str, float]:
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
     info = DatasetInfo(**{**ckpt["dataset"], "image_size": tuple(ckpt["dataset"]["image_size"])})
-    bundle = load_dataset(cfg["dataset"], data_dir=cfg.get("data_dir"), val_ratio=0.0, download=False)
+    bundle = load_dataset(
+        cfg["dataset"],
+        data_dir=cfg.get("data_dir"),
+        val_ratio=0.0,
+        download=False,
+        image_size=cfg.get("image_size"),
+        in_chans=cfg.get("in_chans"),
+    )
     model = model_from_checkpoint(ckpt).eval()
     amp = pick_amp(cfg.get("amp", "auto"), torch.device("cpu"))
     loader = TensorBatchLoader(bundle.test, info, batch_size=1000, train=False, device=torch.device("cpu"))

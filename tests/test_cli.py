@@ -20,6 +20,7 @@ def test_summary_prints_the_stage_table(capsys):
     [
         (["summary", "resnet5"], "unknown model 'resnet5'; did you mean"),
         (["summary", "resnet18", "--input-size", "3", "0", "224"], "--input-size needs three positive"),
+        (["train", "--tta-translate", "9"], "tta_translate is a shift of 0 to 4 pixels, not 9"),
     ],
 )
 def test_user_errors_are_one_line(args, message, capsys):

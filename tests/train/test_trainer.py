@@ -165,6 +165,30 @@ def test_a_diverging_step_is_caught_where_it_happens_and_named(tiny_config):
     assert paths == [] and exist and "Lower --lr" in message  # nothing was saved yet: no file is pointed to
 
 
+def test_a_bad_step_and_those_queued_after_it_never_reach_the_weights(tiny_config, monkeypatch):
+    """The host looks only every 10 steps: the fused optimizer must skip the bad first step and the 9 run after
+    it by itself, so the weights the host finds are still the initial ones."""
+    step, diagnose, seen = trainer_module.Trainer._step, trainer_module.diagnose, {}
+
+    def counted_step(self, x, y):
+        assert not self.host_checked  # the sync-free path, not the host looking at each step
+        if self.state.step == 0:
+            seen["initial"] = [p.detach().clone() for p in self.state.model.parameters()]
+        seen["steps"] = seen.get("steps", 0) + 1
+        step(self, x, y)
+
+    def capture(model, *args, **kwargs):
+        seen["found"] = [p.detach().clone() for p in model.parameters()]
+        return diagnose(model, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_step", counted_step)
+    monkeypatch.setattr(trainer_module, "diagnose", capture)
+    with pytest.raises(ReslabError, match="at step 1 of epoch 1"):
+        fit(tiny_config(epochs=1, max_loss=0.5, sync_every_steps=10))
+    assert seen["steps"] == 10
+    assert all(torch.equal(a, b) for a, b in zip(seen["initial"], seen["found"], strict=True))
+
+
 def test_an_exploding_loss_stops_the_run(tiny_config):
     with pytest.raises(ReslabError, match=r"at step 1 of epoch 1: the loss was 2\.\d+ \(above --max-loss 0\.5\)"):
         fit(tiny_config(epochs=1, max_loss=0.5))
@@ -381,3 +405,26 @@ def test_the_auto_checkpoint_interval_leaves_out_the_first_steps(tiny_config, mo
     fit(tiny_config(epochs=1, sync_every_steps=2, save_every_steps=0))
     (steps, seconds), *_ = decided
     assert steps == 6 and seconds < 1.0  # steps 3 to 8; the first window (steps 1 and 2) and its sleep left out
+
+
+def test_a_checkpoint_from_before_fused_optimizers_resumes_fused(tiny_config, monkeypatch, signal_at_step):
+    """Resuming must keep the fused optimizer that the device-side divergence check needs."""
+    cfg = tiny_config(epochs=2, optimizer="adam")
+    signal_at_step(15)
+    with pytest.raises(TrainingStopped):
+        fit(cfg)
+    signal_at_step(None)
+    last = cfg.run_dir() / "last.pt"
+    ckpt = torch.load(last, weights_only=False)
+    for group in ckpt["optimizer"]["param_groups"]:
+        group["fused"] = None  # as torch wrote it before reslab used fused optimizers
+    torch.save(ckpt, last)
+    step, fused = trainer_module.Trainer._step, []
+
+    def look(self, x, y):
+        fused.append([g["fused"] for g in self.state.optimizer.param_groups] + [self.host_checked])
+        step(self, x, y)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_step", look)
+    fit(cfg, resume="auto")
+    assert fused and all(f == [True, True, False] for f in fused)

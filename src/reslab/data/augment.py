@@ -19,6 +19,14 @@ ERASE_AREA = (0.02, 0.4)
 ERASE_LOG_ASPECT = (math.log(0.3), math.log(1 / 0.3))
 
 
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A small host tensor (random draws) on ``device`` without the host waiting: on CUDA a copy from pageable
+    memory waits for every kernel queued before it, one from pinned memory does not."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def random_crop(images: Tensor, padding: int, generator: torch.Generator) -> Tensor:
     """``RandomCrop(size, padding)`` for a batch: zero-pad by ``padding``, crop back at a random offset.
 
@@ -28,8 +36,8 @@ def random_crop(images: Tensor, padding: int, generator: torch.Generator) -> Ten
         return images
     n, _, h, w = images.shape
     padded = F.pad(images, (padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(images.device)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(images.device)
+    dy = to_device(torch.randint(0, 2 * padding + 1, (n,), generator=generator), images.device)
+    dx = to_device(torch.randint(0, 2 * padding + 1, (n,), generator=generator), images.device)
     rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]  # (N, 1, H, 1)
     cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]  # (N, 1, 1, W)
     batch = torch.arange(n, device=images.device)[:, None, None, None]
@@ -39,7 +47,7 @@ def random_crop(images: Tensor, padding: int, generator: torch.Generator) -> Ten
 
 def random_hflip(images: Tensor, generator: torch.Generator) -> Tensor:
     """Mirror each image left-right with probability 1/2. (N, C, H, W) -> (N, C, H, W)."""
-    flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device)
+    flip = to_device(torch.rand(images.shape[0], generator=generator) < 0.5, images.device)
     return torch.where(flip[:, None, None, None], images.flip(3), images)
 
 
@@ -61,13 +69,13 @@ def random_erase(images: Tensor, p: float, generator: torch.Generator) -> Tensor
     left = (torch.rand(n, generator=generator) * (w - ew + 1)).long()
     erase = torch.rand(n, generator=generator) < p
     noise = torch.randint(0, 256, images.shape, generator=generator, dtype=torch.uint8)
-    top, left, eh, ew, erase = (t.to(images.device) for t in (top, left, eh, ew, erase))
+    top, left, eh, ew, erase, noise = (to_device(t, images.device) for t in (top, left, eh, ew, erase, noise))
     rows = torch.arange(h, device=images.device)[None, :]  # (1, H) against (N, 1) bounds
     cols = torch.arange(w, device=images.device)[None, :]
     inside_rows = (rows >= top[:, None]) & (rows < (top + eh)[:, None])  # (N, H)
     inside_cols = (cols >= left[:, None]) & (cols < (left + ew)[:, None])  # (N, W)
     mask = inside_rows[:, None, :, None] & inside_cols[:, None, None, :] & erase[:, None, None, None]
-    return torch.where(mask, noise.to(images.device), images)
+    return torch.where(mask, noise, images)
 
 
 def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:

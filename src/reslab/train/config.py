@@ -16,6 +16,8 @@ import yaml
 
 from reslab.errors import ReslabError
 
+MAX_TTA_TRANSLATE = 4  # pixels; images are at least 8 px, and a reflected shift must be smaller than the image
+
 
 @dataclass
 class TrainConfig:
@@ -53,7 +55,7 @@ class TrainConfig:
     random_erasing: float = 0.0  # probability of erasing a random rectangle of each image (Zhong et al. 2017: 0.5)
     progressive_sizes: list[int] = field(default_factory=list)  # training image size per epoch, e.g. [16, 20, 28]
     tta_flip: bool = False  # test set: average the logits of each image and its mirror (not used for validation)
-    tta_translate: int = 0  # test set: also average over the image shifted this many pixels (1 or 2), with tta_flip
+    tta_translate: int = 0  # test set: also average over the image shifted this many pixels (0 to 4)
 
     # --- early stopping ----------------------------------------------------------------------------------
     patience: int = 0  # stop after this many epochs without a better validation accuracy; 0 = never
@@ -228,6 +230,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ReslabError(f"max_image_pixels must be at least 1, not {cfg.max_image_pixels}")
     if any(not isinstance(n, int) or n < 8 for n in cfg.progressive_sizes):
         raise ReslabError(f"progressive_sizes must be image sizes of at least 8 pixels, not {cfg.progressive_sizes}")
+    if cfg.tta_translate > MAX_TTA_TRANSLATE:
+        raise ReslabError(f"tta_translate is a shift of 0 to {MAX_TTA_TRANSLATE} pixels, not {cfg.tta_translate}")
     if cfg.image_size is not None and cfg.image_size < 8:
         raise ReslabError(f"image_size must be at least 8 pixels, not {cfg.image_size}")
     return cfg

@@ -7,6 +7,7 @@ state is the step count, so checkpoints resume it exactly.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import nn
@@ -41,15 +42,17 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device, wo
     the trainer sets it to its divergence flag, so a bad step never reaches the weights without the host
     having to look at the flag first.
     """
-    groups = param_groups(model, cfg.weight_decay)
-    lr, fused = scaled_lr(cfg, world_size), device.type in ("cpu", "cuda")
+    lr = scaled_lr(cfg, world_size)
     if cfg.optimizer == "sgd":
-        nesterov = cfg.nesterov and cfg.momentum > 0
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=nesterov, fused=fused)
-    betas = (cfg.momentum, 0.999)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=lr, betas=betas, fused=fused)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+        kind = partial(torch.optim.SGD, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    else:
+        kind = partial(torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW, betas=(cfg.momentum, 0.999))
+    if device.type in ("cpu", "cuda"):
+        try:  # fresh groups each try: a failed constructor may have filled in the first ones
+            return kind(param_groups(model, cfg.weight_decay), lr=lr, fused=True)
+        except (RuntimeError, TypeError):  # an older torch without this fused kernel: the host checks each step
+            pass
+    return kind(param_groups(model, cfg.weight_decay), lr=lr)
 
 
 def lr_factor(step: int, *, total_steps: int, warmup_steps: int, steps_per_epoch: int, cfg: TrainConfig) -> float:

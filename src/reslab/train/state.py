@@ -80,10 +80,12 @@ class TrainState:
         The saved epoch sums are those of every rank together: rank 0 carries them on, the others start at zero.
         """
         self.model.load_state_dict(ckpt["model"])
-        fused = [group.get("fused") for group in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        for group, value in zip(self.optimizer.param_groups, fused, strict=True):
-            group["fused"] = value  # a checkpoint from before fused optimizers would turn it off (guard.py needs it)
+        # A checkpoint from before fused optimizers would turn fused off (guard.py needs it on); set before
+        # loading, so the optimizer also places its saved state (Adam's step counts) where fused kernels want it.
+        saved = ckpt["optimizer"]
+        now = self.optimizer.param_groups  # a different count: load_state_dict says so below
+        groups = [{**g, "fused": n.get("fused")} for g, n in zip(saved["param_groups"], now, strict=False)]
+        self.optimizer.load_state_dict({**saved, "param_groups": groups})
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])

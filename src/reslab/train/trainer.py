@@ -231,10 +231,11 @@ class Trainer:
             f"{'channels-last' if rt.channels_last else 'channels-first'}{', compiled' if cfg.compile else ''}"
         )
         if cfg.lr_reference_batch:
-            global_batch = cfg.batch_size * rt.world_size
+            global_batch, used = cfg.batch_size * rt.world_size, self.state.scheduler.base_lrs[0]
+            kept = "" if used == scaled_lr(cfg, rt.world_size) else "; the resumed run keeps its checkpoint's lr"
             self.logger.print(
-                f"lr {scaled_lr(cfg, rt.world_size):.4g}: {cfg.lr:g} at batch {cfg.lr_reference_batch}, "
-                f"scaled linearly to the global batch of {global_batch}"
+                f"lr {used:.4g}: {cfg.lr:g} at batch {cfg.lr_reference_batch}, "
+                f"scaled linearly to the global batch of {global_batch}{kept}"
             )
         if self.resumed_from is not None:
             st = self.state
