@@ -237,6 +237,9 @@ class Trainer:
                 f"lr {used:.4g}: {cfg.lr:g} at batch {cfg.lr_reference_batch}, "
                 f"scaled linearly to the global batch of {global_batch}{kept}"
             )
+        sizes, tested = cfg.progressive_sizes, info.image_size[0]
+        if sizes and sizes[-1] != tested:
+            self.logger.print(f"note: training ends at {sizes[-1]} px (progressive_sizes); tests are at {tested} px")
         if self.resumed_from is not None:
             st = self.state
             self.logger.print(f"resumed from {self.resumed_from} at step {st.step} of epoch {st.epoch + 1}")
