@@ -25,7 +25,8 @@ def summarize(run: Path) -> dict:
     config = load_checkpoint(run / "best.pt")["config"]
     defaults = dataclasses.asdict(TrainConfig())
     changed = {k: v for k, v in config.items() if k not in IGNORED and v != defaults.get(k)}
-    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    history = _history(run)
+    last = history[-1]
     return {
         "run": run.name,
         "options": changed,
@@ -34,7 +35,7 @@ def summarize(run: Path) -> dict:
         "val_acc_ema": last.get("val_acc_ema"),
         "test_acc": results["test_acc"],
         "best_weights": results.get("best_weights", "raw"),
-        "train_images": sum(r["train_images"] for r in _history(run)),
+        "train_images": sum(r["train_images"] for r in history),
         "train_seconds": results["train_seconds"],
     }
 

@@ -68,25 +68,10 @@ class ResNet(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        _check_args(
-            block,
-            layers,
-            widths,
-            stem,
-            version,
-            shortcut,
-            residual,
-            num_classes,
-            in_chans,
-            drop_path_rate,
-            zero_init_residual,
-            dropout,
-        )
-        # Everything needed to rebuild this exact model: ResNet(**model.config). Checkpoints store it.
-        self.config: dict[str, Any] = dict(
+        args = dict(
             block=block,
-            layers=list(layers),
-            widths=list(widths),
+            layers=layers,
+            widths=widths,
             stem=stem,
             version=version,
             shortcut=shortcut,
@@ -100,6 +85,9 @@ class ResNet(nn.Module):
             stem_width=stem_width,
             dropout=dropout,
         )
+        _check_args(**args)
+        # Everything needed to rebuild this exact model: ResNet(**model.config). Checkpoints store it.
+        self.config: dict[str, Any] = {**args, "layers": list(layers), "widths": list(widths)}
         self.preact = version == "v2"
         block_cls = BLOCKS[(block, self.preact)]
         stem_width = stem_width or widths[0]
@@ -223,6 +211,7 @@ class ResNet(nn.Module):
 
 
 def _check_args(
+    *,
     block,
     layers,
     widths,
@@ -235,6 +224,7 @@ def _check_args(
     drop_path_rate,
     zero_init_residual,
     dropout,
+    **_others,  # groups, width_per_group, stem_width: checked by the blocks and the stem that use them
 ) -> None:
     if block not in ("basic", "bottleneck"):
         raise ValueError(f"block must be 'basic' or 'bottleneck', not {block!r}")
