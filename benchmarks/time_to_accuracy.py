@@ -77,7 +77,7 @@ def summarize(runs: list[dict], target: float, max_seconds: float | None, max_im
 def machine() -> dict:
     import torch
 
-    from reslab.deploy.hardware import cpu_flags
+    from reslab.deploy.hardware import cpu_flags, matmul_peak
 
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if "model name" in line), "")
@@ -88,6 +88,7 @@ def machine() -> dict:
         "cpu_flags": cpu_flags(),
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "fp32_matmul_gflops": round(matmul_peak(torch.device("cpu")), 1),
     }
 
 

@@ -75,3 +75,17 @@ def stratified_split(labels: Tensor, val_ratio: float, seed: int) -> tuple[Tenso
         val_parts.append(idx[:n_val])
         train_parts.append(idx[n_val:])
     return torch.cat(train_parts).sort().values, torch.cat(val_parts).sort().values
+
+
+def subset_of_train(bundle: DataBundle, count: int, seed: int):
+    """``count`` images of ``bundle.train``, the same share of each class, chosen by ``seed`` (a smaller training
+    set that a short run can fit; the validation and test splits are untouched)."""
+    train = bundle.train
+    labels = train.labels if isinstance(train, TensorSplit) else torch.tensor(train.targets)
+    if count >= len(labels):
+        raise ReslabError(f"train_subset must be below the training split's {len(labels)} images, not {count}")
+    _, chosen = stratified_split(labels, count / len(labels), seed)
+    if isinstance(train, TensorSplit):
+        return train.subset(chosen)
+    indices = [train.indices[i] if train.indices is not None else i for i in chosen.tolist()]
+    return type(train)(train.folder, indices, train.transform)

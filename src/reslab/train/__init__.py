@@ -3,7 +3,7 @@
 from reslab.train.checkpoint import load_checkpoint, model_from_checkpoint
 from reslab.train.config import TrainConfig, from_dict, load_recipe
 from reslab.train.engine import evaluate
-from reslab.train.trainer import fit
+from reslab.train.trainer import fit, measure_costs
 
 __all__ = [
     "TrainConfig",
@@ -12,5 +12,6 @@ __all__ = [
     "from_dict",
     "load_checkpoint",
     "load_recipe",
+    "measure_costs",
     "model_from_checkpoint",
 ]

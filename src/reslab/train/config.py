@@ -28,6 +28,7 @@ class TrainConfig:
     data_dir: str | None = None  # looked in first; then $RESLAB_DATA, then /usr/share/datasets
     download: bool = True  # let torchvision fetch missing files where the network allows
     val_ratio: float = 0.2  # held out of the training set, stratified, for early stopping (as the seeds)
+    train_subset: int = 0  # train on this many images of the training split (stratified, by seed); 0 = all
     image_size: int | None = None  # imagefolder only: resize to this square size (default 224)
     in_chans: int | None = None  # imagefolder only: 1 for grayscale, 3 (default) for RGB
     on_bad_image: str = "skip"  # imagefolder: skip (listed in bad_images.txt) or fail on unreadable files
@@ -35,6 +36,8 @@ class TrainConfig:
 
     # --- optimization ------------------------------------------------------------------------------------
     epochs: int = 30  # passes over the training split (fewer when early stopping ends the run)
+    steps: int = 0  # optimizer steps in all, in place of epochs (the last epoch may be partial); 0 = epochs' worth
+    budget: str = ""  # wall-clock budget (90s, 4m, 1h): the run times a few steps and sets `steps` to what fits
     batch_size: int = 128  # per process; the paper's CIFAR runs use 128
     optimizer: str = "sgd"  # sgd | adam | adamw
     lr: float = 0.1  # the paper's CIFAR learning rate for SGD at batch 128
@@ -46,6 +49,7 @@ class TrainConfig:
     step_size: int = 30  # step schedule: epochs between decays (StepLR(step_size=30) in the seeds)
     gamma: float = 0.1  # step schedule: decay factor
     warmup_epochs: float = 0.0  # linear warmup from 0, in epochs (fractions allowed)
+    warmup_fraction: float = 0.0  # or in a share of the run's steps, e.g. 0.1 (for budgets, whose steps vary)
     label_smoothing: float = 0.0  # e.g. 0.1: a regularizer that helps short schedules
     ema_decay: float = 0.0  # 0 = off; e.g. 0.99: also keep an average of the weights, used where it validates better
 
@@ -182,6 +186,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name, options in CHOICES.items():
         if getattr(cfg, name) not in options:
             raise ReslabError(f"{name} must be one of {', '.join(options)}, not {getattr(cfg, name)!r}")
+    if cfg.budget:
+        from reslab.train.budget import parse_budget
+
+        parse_budget(cfg.budget)  # one line for "4 minutes", "-1m", "0"
     positive = ("epochs", "batch_size", "eval_batch_size", "step_size", "sync_every_steps")
     for name in positive:
         if getattr(cfg, name) < 1:
@@ -200,6 +208,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ReslabError(f"{name} must be in [0, 1), not {getattr(cfg, name)}")
     if not 0 <= cfg.label_smoothing < 1:
         raise ReslabError(f"label_smoothing must be in [0, 1), not {cfg.label_smoothing}")
+    if not 0 <= cfg.warmup_fraction < 1:
+        raise ReslabError(f"warmup_fraction must be in [0, 1), not {cfg.warmup_fraction}")
+    if cfg.warmup_fraction and cfg.warmup_epochs:
+        raise ReslabError("give warmup_epochs or warmup_fraction, not both")
     if not 0 <= cfg.val_ratio < 1:
         raise ReslabError(f"val_ratio must be in [0, 1), not {cfg.val_ratio}")
     if cfg.patience and cfg.val_ratio == 0:
@@ -217,6 +229,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             "max_loss",
             "tta_translate",
             "lr_reference_batch",
+            "steps",
+            "train_subset",
         )
         if getattr(cfg, n) < 0
     ]
@@ -247,6 +261,8 @@ def from_dict(values: dict[str, Any], base: TrainConfig | None = None, source: s
             f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, FIELDS, 1)) else k for k in unknown
         ]
         raise ReslabError(f"{source}: unknown option(s) {', '.join(hints)}")
+    if isinstance(values.get("budget"), (int, float)) and not isinstance(values["budget"], bool):
+        values = {**values, "budget": f"{values['budget']}s"}  # YAML `budget: 90`: seconds
     typed = {k: _coerce(k, v) for k, v in values.items()}
     return validate(dataclasses.replace(base or TrainConfig(), **typed))
 

@@ -70,10 +70,21 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, steps_per_epoch
     return 1.0 - progress
 
 
+def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps in the whole run: ``cfg.steps`` (set by hand or by a budget), else ``epochs`` epochs' worth."""
+    return cfg.steps or cfg.epochs * steps_per_epoch
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> LambdaLR:
-    total = cfg.epochs * steps_per_epoch
-    warmup_epochs = cfg.warmup_epochs if (cfg.warmup_epochs or cfg.schedule != "onecycle") else 0.3 * cfg.epochs
-    warmup = round(warmup_epochs * steps_per_epoch)
+    """The schedule over ``total_steps``: cosine and one-cycle reach zero exactly after the last step."""
+    total = total_steps(cfg, steps_per_epoch)
+    if cfg.warmup_fraction:
+        warmup = round(cfg.warmup_fraction * total)
+    elif cfg.warmup_epochs or cfg.schedule != "onecycle":
+        warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    else:  # one-cycle without a warmup given: 30% of the run (its "up" half)
+        warmup = round(0.3 * total)
+    warmup = min(warmup, max(total - 1, 0))  # a run shorter than its warmup still decays to zero at its end
 
     def factor(step: int) -> float:
         return lr_factor(step, total_steps=total, warmup_steps=warmup, steps_per_epoch=steps_per_epoch, cfg=cfg)

@@ -26,6 +26,7 @@ import json
 import math
 import shutil
 import time
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,10 @@ import torch
 from torch import nn
 
 from reslab.data import DataBundle, load_dataset
+from reslab.data.types import subset_of_train
 from reslab.errors import ReslabError
 from reslab.models import create_model
-from reslab.train import runtime
+from reslab.train import budget, runtime
 from reslab.train.checkpoint import FORMAT, atomic_save, clean_stale_temp_files, previous_path, resolve_resume
 from reslab.train.config import TrainConfig, check_resumable
 from reslab.train.divergence import diagnose, nonfinite_entries
@@ -44,7 +46,7 @@ from reslab.train.engine import EpochMeter, EvalResult, evaluate, forward_backwa
 from reslab.train.guard import StepRecord, StepWindow
 from reslab.train.loaders import build_loaders
 from reslab.train.logging import GradNormTracker, RunLogger
-from reslab.train.optim import build_optimizer, build_scheduler, scaled_lr
+from reslab.train.optim import build_optimizer, build_scheduler, scaled_lr, total_steps
 from reslab.train.signals import StopSignals, TrainingStopped
 from reslab.train.state import TrainState
 
@@ -71,6 +73,16 @@ def fit(cfg: TrainConfig, *, resume: str | Path | None = None) -> dict[str, Any]
         runtime.teardown()
 
 
+def measure_costs(cfg: TrainConfig) -> tuple[budget.RunCosts, int]:
+    """What a step, an epoch's end and the final test of a run of ``cfg`` cost on this machine, and the run's
+    steps per epoch, measured as ``--budget`` measures them; nothing is trained or written."""
+    rt = runtime.setup(cfg.device, cfg.amp, cfg.channels_last)
+    try:
+        return Trainer.measure(cfg, rt)
+    finally:
+        runtime.teardown()
+
+
 def _announcer(rt: runtime.Runtime):
     return print if rt.is_main else (lambda message: None)
 
@@ -79,18 +91,13 @@ class Trainer:
     """One run: ``Trainer(...)`` sets it up (or restores it), ``train()`` runs the epochs, ``finish()`` tests."""
 
     def __init__(self, cfg: TrainConfig, rt: runtime.Runtime, resume, signals: StopSignals) -> None:
-        self.wall_start = time.perf_counter()
-        # The config as it runs here: "auto" replaced by what this machine chose. Checkpoints store this one.
-        self.cfg = cfg = dataclasses.replace(
-            cfg, device=rt.device.type, amp=AMP_NAMES[rt.amp_dtype], channels_last=rt.channels_last
-        )
-        self.rt, self.signals, self.run_dir = rt, signals, cfg.run_dir()
+        self._begin(cfg, rt)
+        self.signals = signals
         # Under DDP, an error on any rank in these blocks ends every rank with that one error (runtime.py).
         with runtime.shared_errors(rt):
             self.resumed_from, ckpt = self._checkpoint_to_resume(resume)
-        runtime.seed_everything(cfg.seed + rt.rank)
-        self.bundle = self._load_data()
-        self.info = self.bundle.info
+        self._load()
+        cfg = self.cfg
         with runtime.shared_errors(rt):
             self._check_same_data(ckpt)
             self.state = self._build_state()
@@ -99,13 +106,7 @@ class Trainer:
                 self.state.stopped_early &= cfg.patience > 0  # early stopping ended it; without patience, go on
                 runtime.restore_rng_states(ckpt["rng"], rt)
         self.model = self._wrap(self.state.model)  # DDP's constructor is a collective: outside the blocks
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        self.max_loss = cfg.max_loss or 100 * math.log(max(self.info.num_classes, 2))
         self.save_every = cfg.save_every_steps  # 0: decided after the first steps (_decide_save_interval)
-        self.window = StepWindow(rt.device, self.max_loss, distributed=rt.distributed)
-        # The host looks at each step before the optimizer applies it where the device cannot skip a step by
-        # itself: fp16 (its GradScaler owns the optimizer's found_inf) or an optimizer without a fused kernel.
-        self.host_checked = self.state.scaler is not None or not self.state.optimizer.defaults.get("fused")
         # Steps and seconds of this process after its first look, for the auto checkpoint interval: the first
         # window holds one-off costs (torch.compile's compilation, allocator and kernel warm-up).
         self._steps_run, self._seconds_run, self._warm = 0, 0.0, False
@@ -113,7 +114,40 @@ class Trainer:
             self.logger = self._make_logger(fresh=ckpt is None)
             self._announce()
 
+    @classmethod
+    def measure(cls, cfg: TrainConfig, rt: runtime.Runtime) -> tuple[budget.RunCosts, int]:
+        """What a step, an epoch's end and the final test of a run of ``cfg`` cost here (as ``--budget`` measures
+        them) and its steps per epoch; nothing is trained or written. For one step count shared by several runs
+        (``reslab explain degradation``)."""
+        trainer = cls.__new__(cls)
+        trainer._begin(dataclasses.replace(cfg, budget="", steps=0), rt)
+        trainer._load()
+        model, optimizer = trainer._new_model()
+        trainer._prepare_loop(optimizer)
+        setup = time.perf_counter() - trainer.wall_start  # what the run itself will spend before its first step
+        costs = dataclasses.replace(trainer._measure_costs(model), setup_seconds=setup)
+        return costs, len(trainer.train_loader)
+
     # --- setup -------------------------------------------------------------------------------------------
+    def _begin(self, cfg: TrainConfig, rt: runtime.Runtime) -> None:
+        self.wall_start = time.perf_counter()
+        # The config as it runs here: "auto" replaced by what this machine chose. Checkpoints store this one.
+        self.cfg = dataclasses.replace(
+            cfg, device=rt.device.type, amp=AMP_NAMES[rt.amp_dtype], channels_last=rt.channels_last
+        )
+        self.rt, self.run_dir = rt, self.cfg.run_dir()
+        self.budget_note: str | None = None  # what a budget fixed, said once the logger is there
+
+    def _load(self) -> None:
+        """Seed, read the data, and set up what every step uses: the loss and the divergence window."""
+        cfg, rt = self.cfg, self.rt
+        runtime.seed_everything(cfg.seed + rt.rank)
+        self.bundle = self._load_data()
+        self.info = self.bundle.info
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.max_loss = cfg.max_loss or 100 * math.log(max(self.info.num_classes, 2))
+        self.window = StepWindow(rt.device, self.max_loss, distributed=rt.distributed)
+
     def _checkpoint_to_resume(self, resume) -> tuple[Path | None, dict | None]:
         if self.rt.is_main:
             for path in clean_stale_temp_files(self.run_dir):
@@ -123,6 +157,7 @@ class Trainer:
             for message in messages:
                 _announcer(self.rt)(message)
             if ckpt is not None:
+                self._adopt_budgeted_steps(ckpt["config"])
                 check_resumable(ckpt["config"], self.cfg)
                 self._set_aside_damaged(path)
                 return path, ckpt
@@ -135,6 +170,12 @@ class Trainer:
             for name in ("last.pt", "last.prev.pt", "last.damaged.pt"):
                 (self.run_dir / name).unlink(missing_ok=True)
         return None, None
+
+    def _adopt_budgeted_steps(self, saved: dict[str, Any]) -> None:
+        """Resuming a budgeted run from its recipe (``--resume auto``): the step count its budget fixed when it
+        started holds, not a new measurement (which would change the schedule, and so every step after)."""
+        if self.cfg.budget and not self.cfg.steps and saved.get("budget") == self.cfg.budget:
+            self.cfg = dataclasses.replace(self.cfg, steps=saved.get("steps", 0))
 
     def _set_aside_damaged(self, resumed: Path) -> None:
         """Resuming from last.prev.pt because last.pt is damaged: keep that good file as the next save's backup."""
@@ -160,6 +201,8 @@ class Trainer:
             )
 
         bundle = runtime.on_every_rank(load, self.rt)  # a user error on one rank ends every rank alike
+        if cfg.train_subset:
+            bundle.train = subset_of_train(bundle, cfg.train_subset, cfg.seed)
         with runtime.shared_errors(self.rt):
             if bundle.bad_files and self.rt.is_main:
                 from reslab.data.verify import write_bad_images
@@ -183,21 +226,72 @@ class Trainer:
             )
 
     def _build_state(self) -> TrainState:
+        model, optimizer = self._new_model()
+        self._prepare_loop(optimizer)
+        if self.cfg.budget and not self.cfg.steps:
+            self.cfg = dataclasses.replace(self.cfg, steps=self._steps_for_budget(model))
+        return self._state_of(model, optimizer)
+
+    def _new_model(self) -> tuple[nn.Module, torch.optim.Optimizer]:
         cfg, rt, info = self.cfg, self.rt, self.info
         model_args = {"num_classes": info.num_classes, "in_chans": info.channels, **cfg.model_args}
         model = create_model(cfg.model, **model_args)
         model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
-        optimizer = build_optimizer(model, cfg, rt.device, rt.world_size)
-        self.train_loader, self.val_loader, self.test_loader = build_loaders(self.bundle, cfg, rt)
+        return model, build_optimizer(model, cfg, rt.device, rt.world_size)
+
+    def _prepare_loop(self, optimizer: torch.optim.Optimizer) -> None:
+        """The loaders, and whether the host checks each step itself: it looks before the optimizer applies a
+        step where the device cannot skip one by itself (fp16, whose GradScaler owns the optimizer's found_inf,
+        or an optimizer without a fused kernel)."""
+        self.host_checked = self.rt.amp_dtype == torch.float16 or not optimizer.defaults.get("fused")
+        self.train_loader, self.val_loader, self.test_loader = build_loaders(self.bundle, self.cfg, self.rt)
+
+    def _state_of(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
+        """A new run's state for ``model`` and its optimizer: the schedule over this run's steps, and the rest."""
+        cfg, device = self.cfg, self.rt.device
         return TrainState(
             model=model,
             optimizer=optimizer,
             scheduler=build_scheduler(optimizer, cfg, len(self.train_loader)),
-            scaler=torch.amp.GradScaler(rt.device.type) if rt.amp_dtype == torch.float16 else None,
-            meter=EpochMeter(rt.device),
+            scaler=torch.amp.GradScaler(device.type) if self.rt.amp_dtype == torch.float16 else None,
+            meter=EpochMeter(device),
             tracker=GradNormTracker(model),
             ema=ModelEma(model, cfg.ema_decay) if cfg.ema_decay else None,
         )
+
+    def _steps_for_budget(self, model: nn.Module) -> int:
+        """The step count that fits ``cfg.budget`` from this run's start: measured on a copy of the model, so the
+        run then trains exactly as one given ``--steps`` with that count."""
+        costs = self._measure_costs(model)
+        spent = time.perf_counter() - self.wall_start
+        steps, self.budget_note = budget.plan(self.cfg, spent, [costs], len(self.train_loader))
+        return steps
+
+    def _measure_costs(self, model: nn.Module) -> budget.RunCosts:
+        """``budget.probe`` of this run, with its own step (``_probe_step``); under DDP the ranks' mean."""
+        cfg, rt = self.cfg, self.rt
+        sizes = self._data_sizes()
+        per_rank = (math.ceil(sizes["val"] / rt.world_size), math.ceil(sizes["test"] / rt.world_size))
+        loaders = (self.train_loader, self.val_loader, self.test_loader)
+        costs = budget.probe(
+            model, self._probe_step, loaders, cfg, rt, num_classes=self.info.num_classes, eval_images=per_rank
+        )
+        if rt.distributed:  # every rank must take the same count: plan with the mean of their measurements
+            mean = runtime.all_reduce_sum(torch.tensor(list(vars(costs).values()), device=rt.device)) / rt.world_size
+            costs = budget.RunCosts(*mean.tolist())
+        return costs
+
+    def _probe_step(self, copy: nn.Module):
+        """This run's own training step (``_step``) on ``copy``, a copy of the model, with an optimizer, schedule,
+        meters and divergence window of its own: what the budget's probe times. The run's state is not touched."""
+        state = self._state_of(copy, build_optimizer(copy, self.cfg, self.rt.device, self.rt.world_size))
+        model, window = self._wrap(copy), StepWindow(self.rt.device, self.max_loss, distributed=self.rt.distributed)
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> None:
+            self._step(x, y, state=state, model=model, window=window)
+            state.step += 1
+
+        return step
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.rt.distributed:
@@ -240,6 +334,8 @@ class Trainer:
         sizes, tested = cfg.progressive_sizes, info.image_size[0]
         if sizes and sizes[-1] != tested:
             self.logger.print(f"note: training ends at {sizes[-1]} px (progressive_sizes); tests are at {tested} px")
+        if self.budget_note:
+            self.logger.print(self.budget_note)
         if self.resumed_from is not None:
             st = self.state
             self.logger.print(f"resumed from {self.resumed_from} at step {st.step} of epoch {st.epoch + 1}")
@@ -253,7 +349,7 @@ class Trainer:
                 print(message)
             raise TrainingStopped(message, self.signals.requested or 15)
         try:
-            while self.state.epoch < self.cfg.epochs and not self.state.stopped_early:
+            while self.state.epoch < self.epochs and not self.state.stopped_early:
                 self._train_epoch()
                 self._end_epoch()
         except TrainingStopped:
@@ -266,12 +362,14 @@ class Trainer:
             raise
 
     def _train_epoch(self) -> None:
-        st, steps = self.state, len(self.train_loader)
+        st, steps = self.state, self._steps_in_epoch(self.state.epoch)
         self.train_loader.set_epoch(st.epoch, st.step)
-        self.logger.start_epoch(st.epoch, self.cfg.epochs, steps, done=st.step)
+        self.logger.start_epoch(st.epoch, self.epochs, steps, done=st.step)
         self._recent_losses: list[float] = []
         self._started, self._images = time.perf_counter(), 0
-        for x, y in self.train_loader:
+        for x, y in islice(self.train_loader, steps - st.step):  # a run of `steps` steps may end mid-epoch
+            if st.epoch == 0 and st.step == 0:
+                self.logger.log_images(x, torch.tensor(self.info.mean), torch.tensor(self.info.std), 0)
             self._step(x, y)
             st.step += 1
             self._images += len(x) * self.rt.world_size
@@ -285,18 +383,28 @@ class Trainer:
                     self._started = time.perf_counter()  # a checkpoint's writing time is not training time
         self.logger.end_epoch()
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    @property
+    def epochs(self) -> int:
+        """Epochs in the run, the last one maybe partial (``cfg.steps``)."""
+        return math.ceil(total_steps(self.cfg, len(self.train_loader)) / len(self.train_loader))
+
+    def _steps_in_epoch(self, epoch: int) -> int:
+        per_epoch = len(self.train_loader)
+        return min(per_epoch, total_steps(self.cfg, per_epoch) - epoch * per_epoch)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, *, state=None, model=None, window=None) -> None:
         """One training step, queued on the device without waiting for it: the divergence check stays on the
-        device and the fused optimizer skips the step if it failed (``guard.py``); the host reads it later."""
-        st, rt = self.state, self.rt
+        device and the fused optimizer skips the step if it failed (``guard.py``); the host reads it later.
+        ``state``, ``model`` and ``window`` default to the run's own (the budget's probe passes a copy's)."""
+        st, model, window, rt = state or self.state, model or self.model, window or self.window, self.rt
         rng_before = torch.get_rng_state()  # a replay of a diverging step draws the same drop-path masks
         loss, logits = forward_backward(
-            self.model, x, y, self.loss_fn, st.optimizer, device=rt.device, amp_dtype=rt.amp_dtype, scaler=st.scaler
+            model, x, y, self.loss_fn, st.optimizer, device=rt.device, amp_dtype=rt.amp_dtype, scaler=st.scaler
         )
         norms = st.tracker.norms()
-        found_inf = self.window.check(st.step, loss, norms if st.scaler is None else None, rng_before)
+        found_inf = window.check(st.step, loss, norms if st.scaler is None else None, rng_before)
         if self.host_checked:  # fp16's loss scaler, or an optimizer without found_inf: look before it steps
-            self._sync()
+            self._sync() if window is self.window else window.read()
         else:
             st.optimizer.found_inf = found_inf
         if norms is not None:
@@ -305,8 +413,6 @@ class Trainer:
         optimizer_step(st.optimizer, st.scheduler, st.scaler)
         if st.ema is not None:
             st.ema.update(st.model)
-        if st.epoch == 0 and st.step == 0:
-            self.logger.log_images(x, torch.tensor(self.info.mean), torch.tensor(self.info.std), 0)
 
     def _sync_due(self, steps: int) -> bool:
         """Whether the host reads the window after this step: every ``sync_every_steps`` steps, at the epoch's
@@ -373,7 +479,7 @@ class Trainer:
 
     def _end_epoch(self) -> None:
         st, cfg = self.state, self.cfg
-        epoch, steps = st.epoch, len(self.train_loader)
+        epoch, global_step = st.epoch, st.global_step(len(self.train_loader))
         train = st.meter.result()
         val = self._validate(self.model)
         val_ema = self._validate(st.ema.module) if st.ema is not None else None
@@ -402,13 +508,13 @@ class Trainer:
         st.history.append(record)
         st.grad_norms.append({"epoch": epoch, "norms": st.tracker.pop()})
         with runtime.shared_errors(self.rt):  # rank 0 writes; a full disk there must end every rank
-            self.logger.log_epoch(record, (epoch + 1) * steps)
-            self.logger.log_model(st.model, st.grad_norms[-1], (epoch + 1) * steps)
+            self.logger.log_epoch(record, global_step)
+            self.logger.log_model(st.model, st.grad_norms[-1], global_step)
         val_text = f"val loss {val.loss:.4f} acc {val.accuracy:.2%}" if val else "no validation split"
         if val_ema is not None:
             val_text += f" (ema {val_ema.accuracy:.2%})"
         self.logger.print(
-            f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {train.loss:.4f} acc {train.accuracy:.2%}  "
+            f"epoch {epoch + 1:>3}/{self.epochs}  train loss {train.loss:.4f} acc {train.accuracy:.2%}  "
             f"{val_text}  {record['images_per_second']:.0f} img/s  {st.epoch_seconds:.1f}s"
             + ("  *" if improved else "")
         )
@@ -562,6 +668,8 @@ class Trainer:
             "test_per_class_acc": dict(zip(info.classes, test.per_class_accuracy, strict=True)) if test else None,
             "train_seconds": round(sum(r["seconds"] for r in st.history), 2),
             "train_images": sum(r["train_images"] for r in st.history),
+            "steps": total_steps(cfg, len(self.train_loader)),
+            "budget": cfg.budget or None,
             "wall_seconds": round(time.perf_counter() - self.wall_start, 2),
             "device": f"{rt.device.type} x{rt.world_size}",
             "amp": "float32" if cfg.amp == "off" else cfg.amp,

@@ -1,0 +1,110 @@
+"""Train the reference twins that reslab ships, and package them (``reslab.explain.reference``).
+
+Usage:
+    python benchmarks/reference_twins.py [--budget 40m] [--recipe recipes/reference_twins.yaml]
+        [--runs-dir runs/reference] [--device cpu]
+
+Runs the degradation experiment (plain-20, ResNet-20, plain-56, ResNet-56, one step count for all four, fixed
+by the budget) with the reference recipe, then writes into ``src/reslab/explain/reference_nets/``: each model's
+final weights as safetensors, the experiment's figure, and ``manifest.json`` with the command, commit, date,
+machine (CPU, flags, cores, torch, the measured fp32 matrix-product peak), seconds, recipe, every epoch's metrics,
+the final errors and each file's SHA-256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from reslab.deploy.hardware import describe, matmul_peak
+from reslab.explain import degradation
+from reslab.explain.reference import FOLDER, sha256
+from reslab.train import load_checkpoint
+
+
+def commit() -> str:
+    """The checked-out commit, with "+changes" when the working tree differs from it."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "src", "recipes"], capture_output=True, text=True).stdout
+    return head + ("+changes" if dirty.strip() else "")
+
+
+def package(result: dict, runs_dir: Path, machine: dict, command: str, seconds: float) -> Path:
+    FOLDER.mkdir(parents=True, exist_ok=True)
+    models = {}
+    for name, run in result["runs"].items():
+        last = load_checkpoint(runs_dir / name / "last.pt")
+        weights = {k: v.contiguous() for k, v in last["model"].items()}
+        path = FOLDER / f"{name}.safetensors"
+        save_file(weights, str(path))
+        cfg = last["config"]
+        models[name] = {
+            "file": path.name,
+            "sha256": sha256(path),
+            "bytes": path.stat().st_size,
+            "model_config": last["model_config"],
+            "dataset": last["dataset"],
+            "split": {"val_ratio": cfg["val_ratio"], "seed": cfg["seed"], "train_subset": cfg["train_subset"]},
+            "history": run["history"],
+            "final": run["final"],
+            "results": run["results"],
+        }
+    figure = runs_dir / "figure" / "degradation.png"
+    shutil.copy(figure, FOLDER / "degradation.png")
+    manifest = {
+        "command": command,
+        "commit": commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine,
+        "seconds": round(seconds, 1),
+        "budget": result["budget"],
+        "steps": result["steps"],
+        "recipe": result["recipe"],
+        "summary": degradation.summarize(result),
+        "verdict": result["verdict"],
+        "models": models,
+    }
+    out = FOLDER / "manifest.json"
+    out.write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", default="40m", help="wall clock for the four models together")
+    parser.add_argument("--recipe", default="recipes/reference_twins.yaml")
+    parser.add_argument("--runs-dir", default="runs/reference")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    machine = {**describe(device), "fp32_matmul_gflops": round(matmul_peak(device), 1)}
+    start = time.perf_counter()
+    result = degradation.measure(
+        budget=args.budget,
+        recipe=args.recipe,
+        runs_dir=args.runs_dir,
+        retrain=True,
+        device=args.device,
+        reference=False,
+    )
+    seconds = time.perf_counter() - start
+    figure_dir = Path(args.runs_dir) / "figure"
+    figure_dir.mkdir(parents=True, exist_ok=True)
+    degradation.plot(result, figure_dir)
+    command = " ".join(["python", "benchmarks/reference_twins.py", *sys.argv[1:]])
+    out = package(result, Path(args.runs_dir), machine, command, seconds)
+    print("\n".join(degradation.summarize(result)))
+    print(f"wrote {out} and the weights beside it ({seconds:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

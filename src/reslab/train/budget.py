@@ -1,0 +1,249 @@
+"""Budgeted training: as many optimizer steps as fit a wall-clock budget, with the schedule fitted to them.
+
+Li et al. (ICLR 2020, "Budgeted Training: Rethinking Deep Neural Network Training Under Resource Constraints")
+found that at a small budget the schedule must know where it ends: a linear decay of the learning rate to zero
+at the last step beat every schedule tuned for a longer run. So a budget is turned into a step count *before*
+training starts: a probe times a few steps of a throw-away copy of the model on the run's own first batches, and
+one pass of validation, a checkpoint and the test, then ``steps_within`` picks the largest step count whose
+training, per-epoch work and final test fit the budget. The probe touches neither the model, nor the optimizer,
+nor the random state, so a run with ``--budget`` trains exactly what a run with ``--steps N`` (the count it
+printed and recorded) trains, on any machine.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import itertools
+import math
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from itertools import islice
+
+import torch
+from torch import nn
+
+from reslab.errors import ReslabError
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([hms]?)")
+SAFETY = 0.95  # the step count is fitted to 95% of the budget: a shared CPU's speed drifts by a few percent
+AUTO_SAVE_SECONDS = 60.0  # the trainer's automatic mid-epoch checkpoint interval (trainer.AUTO_SAVE_SECONDS)
+
+
+def parse_budget(text: str | float | int) -> float:
+    """Seconds in a duration: ``"90s"``, ``"4m"``, ``"1.5h"``, ``"1h30m"``, or a plain number of seconds."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        spec = str(text).strip().lower()
+        if spec.startswith("-"):
+            raise ReslabError(f"budget must be a positive duration, not {text!r}")
+        parts = _PART.findall(spec)
+        if not spec or _PART.sub("", spec).strip() or not parts:
+            raise ReslabError(f"budget must be a duration such as 90s, 4m, 1h or 1h30m, not {text!r}")
+        seconds = sum(float(number) * _UNITS[unit or "s"] for number, unit in parts)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ReslabError(f"budget must be a positive duration, not {text!r}")
+    return seconds
+
+
+def format_seconds(seconds: float) -> str:
+    """``245.3`` -> ``"4m5s"``; under a minute, ``"42.0s"``."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, rest = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes or hours else "") + f"{rest}s"
+
+
+@dataclass(frozen=True)
+class RunCosts:
+    """What a run's time is made of, measured by ``probe``."""
+
+    step_seconds: float  # one optimizer step (forward, backward, update) at the run's batch size
+    epoch_seconds: float  # at each epoch's end: validation, checkpoints, logs
+    final_seconds: float  # once at the end: the test set (with its test-time views)
+    save_seconds: float  # one checkpoint written inside an epoch (about once a minute)
+    setup_seconds: float = 0.0  # reading the data and building the model, for a run not yet started
+
+    def total(self, steps: int, steps_per_epoch: int) -> float:
+        """Seconds for a run of ``steps`` optimizer steps."""
+        train = steps * self.step_seconds
+        saves = math.floor(train / AUTO_SAVE_SECONDS) * self.save_seconds
+        epochs = math.ceil(steps / steps_per_epoch) * self.epoch_seconds
+        return self.setup_seconds + train + epochs + saves + self.final_seconds
+
+
+def steps_within(seconds: float, costs: Iterable[RunCosts], steps_per_epoch: int) -> int:
+    """The largest step count N such that every run in ``costs`` trained for N steps fits in ``seconds`` together
+    (0 when not even one step does)."""
+    costs = list(costs)
+
+    def needed(n: int) -> float:
+        return sum(c.total(n, steps_per_epoch) for c in costs)
+
+    high = max(int(seconds / max(sum(c.step_seconds for c in costs), 1e-9)), 0) + 1
+    low = 0  # needed(low) fits (or low is 0), needed(high) does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if needed(middle) <= seconds else (low, middle)
+    return low if low and needed(low) <= seconds else 0
+
+
+def _timed(device: torch.device, work: Callable[[], object]) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    work()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def time_steps(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    make_step: Callable[[nn.Module], Callable[[torch.Tensor, torch.Tensor], object]],
+    *,
+    device: torch.device,
+    warmup: int = 2,
+    min_seconds: float = 1.5,
+    max_steps: int = 30,
+) -> float:
+    """Mean seconds of a training step, batch preparation included, on a deep copy of ``model`` (the model itself
+    is left as it was).
+
+    ``make_step(copy)`` returns the step function (forward, backward, optimizer update on the copy); the first
+    ``warmup`` steps (allocation, kernel choice, compilation) are not timed; then steps are timed until
+    ``min_seconds`` have passed (at least 3, at most ``max_steps``). The global random state (drop path draws
+    from it) is restored afterwards, so the run that follows draws as if no probe had run.
+    """
+    rng = torch.get_rng_state()
+    times: list[float] = []
+    cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+    try:
+        step = make_step(copy.deepcopy(model))
+        batches = iter(batches)
+        for _ in range(warmup):
+            step(*next(batches))
+        while len(times) < max_steps and (len(times) < 3 or sum(times) < min_seconds):
+            times.append(_timed(device, lambda: step(*next(batches))))
+    finally:
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+    return sum(times) / len(times)
+
+
+def time_saving(state: dict, device: torch.device) -> float:
+    """Seconds to serialize ``state`` (what a checkpoint write costs before the disk)."""
+    return _timed(device, lambda: torch.save(state, io.BytesIO()))
+
+
+def time_epoch_logs(model: nn.Module, hist_every: int) -> float:
+    """Seconds an epoch's TensorBoard records of ``model`` take to build (a gradient-norm scalar per parameter,
+    and a weight histogram per parameter every ``hist_every`` epochs), amortized over epochs."""
+    from torch.utils.tensorboard.summary import histogram, scalar
+
+    params = list(model.named_parameters())
+    start = time.perf_counter()
+    for name, _ in params:
+        scalar(f"grad_norm/{name}", 1.0)
+    seconds = time.perf_counter() - start
+    if hist_every:
+        # SummaryWriter's "tensorflow" bins: 1e-12 to 1e20 growing 10% a bucket, both signs.
+        buckets = [1e-12 * 1.1**k for k in range(math.ceil(math.log(1e32) / math.log(1.1)))]
+        bins = [-b for b in reversed(buckets)] + [0.0] + buckets
+        start = time.perf_counter()
+        for name, p in params:
+            histogram(f"weights/{name}", p.detach().float().cpu().numpy(), bins)
+        seconds += (time.perf_counter() - start) / hist_every
+    return seconds
+
+
+def time_per_image(evaluate_batches: Callable[[int], int], device: torch.device, batches: int = 2) -> float:
+    """Seconds per image of an evaluation pass: ``evaluate_batches(k)`` evaluates the first k batches and returns
+    how many images they held; one warm batch first."""
+    evaluate_batches(1)
+    images = 0
+
+    def work() -> None:
+        nonlocal images
+        images = evaluate_batches(batches)
+
+    seconds = _timed(device, work)
+    return seconds / max(images, 1)
+
+
+def probe(
+    model: nn.Module,
+    make_step: Callable[[nn.Module], Callable[[torch.Tensor, torch.Tensor], object]],
+    loaders: tuple,
+    cfg,
+    rt,
+    *,
+    num_classes: int,
+    eval_images: tuple[int, int],
+) -> RunCosts:
+    """The ``RunCosts`` of training ``model`` (``num_classes`` outputs) with ``cfg`` on ``loaders`` (train, val,
+    test; val and test may be None) in runtime ``rt``. ``make_step(copy)`` is the trainer's own step on a copy of
+    the model (with its own optimizer, schedule and checks); ``eval_images``: (validation, test) images this
+    process evaluates."""
+    from reslab.train.engine import evaluate
+
+    train, val, test = loaders
+
+    def batches():  # the run's own first batches, epoch after epoch where one epoch is shorter than the probe
+        for epoch in itertools.count():
+            train.set_epoch(epoch, 0)
+            yield from train
+
+    step_seconds = time_steps(model, batches(), make_step, device=rt.device)
+
+    def per_image(loader, tta: bool) -> float:
+        if loader is None:
+            return 0.0
+
+        def run(k: int) -> int:
+            flip, translate = (cfg.tta_flip, cfg.tta_translate) if tta else (False, 0)
+            batches = islice(loader, k)
+            kwargs = dict(device=rt.device, amp_dtype=rt.amp_dtype, tta_flip=flip, tta_translate=translate)
+            result = evaluate(model, batches, num_classes=num_classes, **kwargs)
+            return int(result.confusion.sum())
+
+        return time_per_image(run, rt.device)
+
+    # A checkpoint of the training state holds the weights and about as much optimizer state again.
+    save_seconds = 2 * time_saving(model.state_dict(), rt.device)
+    val_seconds = per_image(val, tta=False) * eval_images[0]
+    # Each epoch: validation, last.pt (weights and optimizer state) and best.pt (weights), and the logs.
+    epoch_seconds = val_seconds + 1.5 * save_seconds + time_epoch_logs(model, cfg.hist_every)
+    final_seconds = per_image(test, tta=True) * eval_images[1] + save_seconds
+    return RunCosts(step_seconds, epoch_seconds, final_seconds, save_seconds)
+
+
+def plan(cfg, spent: float, costs: list[RunCosts], steps_per_epoch: int) -> tuple[int, str]:
+    """The step count that fits ``cfg.budget`` for runs of these ``costs`` (one run, or several that share the
+    budget), ``spent`` seconds of it already gone; and the line that says how it was chosen. A budget that does
+    not fit one step is a ReslabError saying how much would."""
+    seconds = parse_budget(cfg.budget)
+    steps = steps_within((seconds - spent) * SAFETY, costs, steps_per_epoch)
+    one = sum(c.total(1, steps_per_epoch) for c in costs)
+    if steps < 1:
+        least = math.ceil(spent + one / SAFETY)
+        raise ReslabError(
+            f"a budget of {cfg.budget} is too small: setting up and timing took {spent:.1f} s, and one step "
+            f"with its validation and test needs {one:.1f} s more; give at least --budget {least}s"
+        )
+    runs = f" for each of {len(costs)} runs" if len(costs) > 1 else ""
+    step_ms = ", ".join(f"{c.step_seconds * 1e3:.0f}" for c in costs)
+    note = (
+        f"budget {cfg.budget}: {steps} steps of {cfg.batch_size} images ({steps / steps_per_epoch:.2f} epochs){runs} "
+        f"fit (measured {step_ms} ms a step, {sum(c.epoch_seconds for c in costs):.1f} s of validation and "
+        f"checkpoints an epoch, {sum(c.final_seconds for c in costs):.1f} s for the test; {spent:.1f} s spent "
+        f"setting up); --steps {steps} trains the same run"
+    )
+    return steps, note

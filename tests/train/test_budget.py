@@ -1,0 +1,114 @@
+"""Budgeted training: a wall-clock budget becomes a recorded step count, the schedule ends at zero on the last
+step, and a budgeted run resumes as exactly as any other."""
+
+import json
+
+import pytest
+import torch
+
+from reslab import ReslabError
+from reslab.cli import main
+from reslab.train import TrainConfig, fit, from_dict, load_checkpoint
+from reslab.train import trainer as trainer_module
+from reslab.train.budget import RunCosts, parse_budget, steps_within
+from reslab.train.optim import build_scheduler
+from reslab.train.signals import TrainingStopped
+from tests.train.test_trainer import assert_same_run
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90s", 90), ("4m", 240), ("1h", 3600), ("1h30m", 5400), ("2.5m", 150), ("45", 45)]
+)
+def test_budget_durations(text, seconds):
+    assert parse_budget(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "4 minutes", "m", "-1m", "0", "0s", "4m4x", "nan"])
+def test_a_bad_budget_is_one_line(text):
+    with pytest.raises(ReslabError, match="budget must be a"):
+        parse_budget(text)
+
+
+def test_a_budget_in_a_recipe_is_checked_when_read():
+    assert from_dict({"budget": 90}).budget == "90s"  # YAML `budget: 90` reads as a number: seconds
+    with pytest.raises(ReslabError, match="budget must be a positive duration"):
+        from_dict({"budget": "-2m"})
+
+
+def test_the_step_count_is_the_most_that_fits():
+    costs = RunCosts(step_seconds=0.1, epoch_seconds=1.0, final_seconds=2.0, save_seconds=0.5)
+    # 10 steps an epoch: N steps cost 0.1 N + ceil(N / 10) + 2 (+ 0.5 a minute of training, none here).
+    assert steps_within(2.0 + 1.0 + 1.0, [costs], 10) == 10  # one epoch: 1 + 1 + 2 = 4 s
+    assert steps_within(2.0 + 2.1, [costs], 10) == 10  # 11 steps would open a second epoch (5.1 s)
+    assert steps_within(5.1, [costs], 10) == 11
+    assert steps_within(3.0, [costs], 10) == 0  # not even one step with its validation and test
+    # Several runs of one count (the degradation experiment's twins): they share the budget.
+    assert steps_within(8.0, [costs, costs], 10) == 10
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
+@pytest.mark.parametrize("steps", [7, 45, 100])
+def test_the_schedule_reaches_zero_at_the_last_step(schedule, steps):
+    cfg = TrainConfig(schedule=schedule, steps=steps, warmup_epochs=0.5, epochs=1000)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.4)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=10)
+    factors = [scheduler.lr_lambdas[0](s) for s in range(steps + 1)]
+    warmup = min(5, steps - 1)
+    assert factors[-1] == 0  # the learning rate after the last step
+    assert all(f > 0 for f in factors[:-1])  # every step of the run learns something
+    assert factors[warmup:] == sorted(factors[warmup:], reverse=True)  # then it only decays
+
+
+def test_a_budgeted_run_stops_within_its_budget_and_records_its_steps(tiny_config, capsys):
+    cfg = tiny_config(budget="15s", schedule="onecycle", epochs=1000)
+    results = fit(cfg)
+    out = capsys.readouterr().out
+    steps = results["steps"]
+    assert f"budget 15s: {steps} steps of 32 images" in out and f"--steps {steps} trains the same run" in out
+    assert results["wall_seconds"] <= 15.0 and results["budget"] == "15s"
+    assert steps > 15  # more than an epoch of the tiny split (15 steps), not the recipe's 1000 epochs
+    last = load_checkpoint(cfg.run_dir() / "last.pt")
+    assert last["config"]["steps"] == steps and last["config"]["budget"] == "15s"
+    history = last["history"]
+    assert sum(r["train_images"] for r in history) == steps * 32  # the last epoch stops at the count, mid-way
+    assert history[-1]["lr"] == 0.0  # the schedule ended at zero
+
+
+def test_resuming_a_budgeted_run_mid_way_is_bit_identical(tiny_config, tmp_path, signal_at_step, monkeypatch):
+    budgeted = tiny_config(budget="12s", schedule="onecycle", out_dir=str(tmp_path / "cut"), save_every_steps=4)
+    planned = trainer_module.Trainer._steps_for_budget
+
+    def plan_then_arm(self, model):  # count training steps only, not the probe's
+        steps = planned(self, model)
+        signal_at_step(22)  # step 7 of epoch 2
+        return steps
+
+    monkeypatch.setattr(trainer_module.Trainer, "_steps_for_budget", plan_then_arm)
+    with pytest.raises(TrainingStopped):
+        fit(budgeted)
+    steps = load_checkpoint(tmp_path / "cut" / "last.pt")["config"]["steps"]
+    signal_at_step(None)
+    fit(budgeted, resume="auto")  # from the recipe, as a requeued job does: the recorded count holds
+    straight = tiny_config(steps=steps, schedule="onecycle", out_dir=str(tmp_path / "straight"))
+    fit(straight)
+    assert_same_run(load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "cut" / "last.pt"))
+    a, b = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("straight", "cut"))
+    assert a["test_acc"] == b["test_acc"] and a["test_loss"] == b["test_loss"] and a["steps"] == b["steps"] == steps
+
+
+def test_a_budget_smaller_than_the_warm_up_is_one_line_and_writes_nothing(tiny_fashion, tmp_path, capsys):
+    run = tmp_path / "run"
+    flags = ["--model", "resnet20", "--model-arg", "layers=[1,1,1]", "--data-dir", str(tiny_fashion)]
+    code = main(["train", *flags, "--no-download", "--device", "cpu", "--budget", "1s", "--out-dir", str(run)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "a budget of 1s is too small" in err and "give at least --budget" in err
+    assert not (run / "last.pt").exists() and not (run / "best.pt").exists()
+
+
+def test_a_training_subset_keeps_each_class_share(tiny_config):
+    results = fit(tiny_config(train_subset=100, epochs=1))
+    assert results["train_images"] == 96  # 100 of the 512 training images, 3 batches of 32
+    with pytest.raises(ReslabError, match="train_subset must be below"):
+        fit(tiny_config(train_subset=10_000, overwrite=True))
