@@ -311,17 +311,27 @@ _EXPLAIN_FLAGS: dict[str, dict] = {
     "--dataset": dict(default=None, help="real images for fresh models (default: fashion-mnist)"),
     "--data-dir": dict(default=None, help="folder looked in first for the dataset's files"),
     "--checkpoint": dict(
-        default=None, metavar="CKPT", help="a trained model (e.g. runs/x/best.pt) instead of a fresh one"
+        default=None, metavar="CKPT", help="a trained model of your own (e.g. runs/x/best.pt) to study"
     ),
     "--checkpoints": dict(
-        nargs="+", default=None, metavar="CKPT", help="trained models to compare, in place of --models"
+        nargs="+", default=None, metavar="CKPT", help="trained models of your own to compare, in place of --models"
     ),
-    "--models": dict(nargs="+", default=None, help="registry names to compare"),
+    "--models": dict(nargs="+", default=None, help="registry names to compare (default: shipped trained weights)"),
+    "--fresh": dict(
+        action="store_true", help="study fresh, seeded, untrained nets instead of the shipped trained weights"
+    ),
+    "--model": dict(
+        default=None, help="the shipped trained net whose block to study (default with --block-name: resnet56)"
+    ),
     "--runs-dir": dict(
-        default="runs/degradation",
-        help="where <model>/best.pt is looked for before a fresh model is built (default: runs/degradation)",
+        default=None,
+        metavar="DIR",
+        help="study DIR/<model>/best.pt instead of the shipped weights; degradation: where it trains "
+        "(default runs/degradation)",
     ),
     "--images": dict(type=int, default=None, help="how many real images to measure on"),
+    "--grid-images": dict(type=int, default=None, help="of those images, how many each 2-D grid point uses"),
+    "--probes": dict(type=int, default=None, help="batches each state is measured on (default 3)"),
     "--block": dict(choices=("basic", "bottleneck"), default="bottleneck"),
     "--version": dict(choices=("v1", "v2"), default="v1", help="v1: ReLU after the sum; v2: pre-activation"),
     "--shape": dict(
@@ -331,11 +341,21 @@ _EXPLAIN_FLAGS: dict[str, dict] = {
         metavar=("N", "C", "H", "W"),
         help="input shape (default: 8 256 56 56 for a bottleneck, 8 64 56 56 for a basic block)",
     ),
-    "--block-name": dict(default=None, help="with --checkpoint: which block, e.g. layer2.0 (default: the first)"),
+    "--block-name": dict(
+        default=None,
+        help="a trained net's block, e.g. layer2.0: of --checkpoint, or of the shipped --model (default: the first)",
+    ),
     "--depths": dict(nargs="+", type=int, default=None, help="CIFAR depths 6n+2 to compare, e.g. 20 56 110"),
     "--steps": dict(type=int, default=None, help="training steps before the second measurement"),
     "--batch-size": dict(type=int, default=None),
-    "--epochs": dict(type=int, default=None, help="training epochs per model"),
+    "--train-subset": dict(type=int, default=None, help="training images per model (default 5000; 0: all)"),
+    "--budget": dict(default=None, help="wall clock for the whole experiment, e.g. 20m (default), 90s, 1h"),
+    "--train-steps": dict(
+        type=int,
+        default=None,
+        dest="steps",
+        help="optimizer steps per model, in place of --budget (e.g. a count it printed)",
+    ),
     "--recipe": dict(default=None, help="YAML training recipe shared by every model (default: the built-in one)"),
     "--retrain": dict(action="store_true", help="train again even where a finished run of the same recipe exists"),
     "--draws": dict(type=int, default=None, help="random draws per number of deleted blocks"),
@@ -346,27 +366,37 @@ _EXPLAIN_FLAGS: dict[str, dict] = {
 _EXPLAIN: dict[str, tuple[str, list[str]]] = {
     "block": (
         "one residual block step by step: forward, BatchNorm train vs eval, backward through both paths",
-        ["--block", "--version", "--shape", "--checkpoint", "--block-name", "--data-dir"],
+        ["--block", "--version", "--shape", "--checkpoint", "--model", "--block-name", "--data-dir"],
     ),
     "backprop": (
         "conv, BatchNorm, ReLU, residual sum and classifier backward by hand, checked against autograd",
         ["--checkpoint", "--data-dir"],
     ),
     "gradients": (
-        "per-layer gradient norms of plain and residual nets of several depths",
-        ["--depths", "--steps", "--batch-size", "--checkpoints", "--dataset", "--data-dir"],
+        "per-layer gradient norms of plain and residual nets: fresh of several depths, and the shipped trained twins",
+        ["--depths", "--steps", "--batch-size", "--probes", "--checkpoints", "--fresh", "--dataset", "--data-dir"],
     ),
     "degradation": (
         "train plain and residual nets of two depths alike (He et al. 2015, Fig. 1 and 6)",
-        ["--depths", "--epochs", "--recipe", "--runs-dir", "--retrain", "--dataset", "--data-dir"],
+        [
+            "--depths",
+            "--budget",
+            "--train-steps",
+            "--train-subset",
+            "--recipe",
+            "--runs-dir",
+            "--retrain",
+            "--dataset",
+            "--data-dir",
+        ],
     ),
     "responses": (
         "std of each 3x3 layer's response, plain vs residual (He et al. 2015, Fig. 7)",
-        ["--models", "--checkpoints", "--runs-dir", "--images", "--dataset", "--data-dir"],
+        ["--models", "--checkpoints", "--runs-dir", "--fresh", "--images", "--dataset", "--data-dir"],
     ),
     "lesion": (
         "delete and swap blocks at test time (Veit et al. 2016)",
-        ["--models", "--checkpoints", "--runs-dir", "--images", "--draws", "--dataset", "--data-dir"],
+        ["--models", "--checkpoints", "--runs-dir", "--fresh", "--images", "--draws", "--dataset", "--data-dir"],
     ),
     "landscape": (
         "the loss around the trained weights on filter-normalized directions (Li et al. 2018)",
@@ -374,7 +404,9 @@ _EXPLAIN: dict[str, tuple[str, list[str]]] = {
             "--models",
             "--checkpoints",
             "--runs-dir",
+            "--fresh",
             "--images",
+            "--grid-images",
             "--points",
             "--grid",
             "--span",
@@ -386,14 +418,25 @@ _EXPLAIN: dict[str, tuple[str, list[str]]] = {
 
 
 def _add_explain_parsers(sub) -> None:
-    p = sub.add_parser("explain", help="residual learning, measured: numbers, a figure and a page per experiment")
-    whats = p.add_subparsers(dest="what", required=True)
+    p = sub.add_parser(
+        "explain",
+        help="residual learning, measured: numbers, a figure and a page per experiment",
+        description="With no experiment: all of them, as `reslab explain all`.",
+    )
+    p.set_defaults(func=cmd_explain_all, out_dir=None, seed=None, device="cpu", data_dir=None)
+    whats = p.add_subparsers(dest="what")
     for what, (help_text, flags) in _EXPLAIN.items():
         q = whats.add_parser(what, help=help_text, description=help_text)
         for flag in [*flags, "--seed", "--device"]:
             q.add_argument(flag, **_EXPLAIN_FLAGS[flag])
         q.add_argument("--out-dir", default=None, help=f"default: explain/{what}")
         q.set_defaults(func=cmd_explain, explain_flags=flags)
+    help_text = "every experiment at its defaults on the shipped trained nets (degradation: their own run), timed"
+    q = whats.add_parser("all", help=help_text, description=help_text)
+    for flag in ("--data-dir", "--seed", "--device"):
+        q.add_argument(flag, **_EXPLAIN_FLAGS[flag])
+    q.add_argument("--out-dir", default=None, help="default: explain (each experiment in a folder of its own)")
+    q.set_defaults(func=cmd_explain_all)
 
 
 def cmd_explain(args: argparse.Namespace) -> None:
@@ -402,10 +445,11 @@ def cmd_explain(args: argparse.Namespace) -> None:
     from reslab.explain.common import save
 
     module = importlib.import_module(f"reslab.explain.{args.what}")
-    dests = [f.lstrip("-").replace("-", "_") for f in [*args.explain_flags, "--seed", "--device"]]
+    flags = [*args.explain_flags, "--seed", "--device"]
+    dests = [_EXPLAIN_FLAGS[f].get("dest") or f.lstrip("-").replace("-", "_") for f in flags]
     options = {d: getattr(args, d) for d in dests if getattr(args, d) is not None}
     out_dir = Path(args.out_dir or Path("explain") / args.what)
-    result = module.measure(**options)
+    result = module.measure(**options)  # first: a mistake ends here, before any folder is made
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = module.plot(result, out_dir)
     summary = module.summarize(result)
@@ -413,6 +457,14 @@ def cmd_explain(args: argparse.Namespace) -> None:
     for line in summary:
         print(line)
     print(f"wrote {', '.join(str(f) for f in figures)}, {written['json']} and {written['html']}")
+
+
+def cmd_explain_all(args: argparse.Namespace) -> None:
+    from reslab.explain.common import run_all
+
+    out_root = Path(args.out_dir or "explain")
+    run_all(out_root, device=args.device, seed=args.seed, data_dir=args.data_dir)
+    print(f"wrote {out_root / 'index.html'} and {out_root / 'all.json'}")
 
 
 def build_parser() -> argparse.ArgumentParser:

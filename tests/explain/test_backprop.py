@@ -112,7 +112,8 @@ def test_measure_fresh_every_op_matches_autograd(tmp_path):
     [png] = backprop.plot(result, tmp_path)
     assert png.stat().st_size > 10_000
     lines = backprop.summarize(result)
-    assert len(lines) == 1 + len(ops) and "dlogits = (softmax(logits) - onehot) / N" in lines[6]
+    assert len(lines) == 2 + len(ops) and "dlogits = (softmax(logits) - onehot) / N" in lines[6]
+    assert lines[-1].startswith("Uncertainty: none to estimate: each line is an exact numerical check")
 
 
 def test_measure_on_a_checkpoint_uses_its_weights_and_real_images(tmp_path):

@@ -98,7 +98,7 @@ def test_fresh_block_plot_and_summary(fresh_v1):
     [png] = explain_block.plot(result, out)
     assert png.stat().st_size > 10_000
     lines = explain_block.summarize(result)
-    assert len(lines) == 5 and "masked by that ReLU (exactly: True)" in lines[3]
+    assert len(lines) == 6 and "masked by that ReLU (exactly: True)" in lines[3]
 
 
 def test_v2_summary_states_exact_identity_gradient():
@@ -171,3 +171,21 @@ def test_a_plain_checkpoint_has_no_shortcut_to_study(tmp_path, tiny_checkpoint, 
     save_checkpoint(tmp_path / "plain.pt", model, info)
     with pytest.raises(ReslabError, match="plain20 is a plain network"):
         explain_block.measure(checkpoint=str(tmp_path / "plain.pt"), data_dir=str(data))
+
+
+def test_a_block_name_alone_studies_the_shipped_trained_resnet56(shipped, few_images):
+    result = explain_block.measure(block_name="layer2.1", data_dir=shipped)
+    assert result["source"] == "resnet56, shipped reference weights (resnet56.safetensors)"
+    assert result["weights"] == "shipped" and result["block_name"] == "layer2.1"
+    assert result["shape"] == [16, 32, 14, 14]  # its real input: 16 test images after layer2.0
+    assert len(result["batchnorm"]["warmup"]) == 1  # trained running stats are not re-warmed
+    assert explain_block.measure(model="resnet20", data_dir=shipped)["block_name"] == "layer1.0"
+    with pytest.raises(ReslabError, match="plain20 is a plain network"):
+        explain_block.measure(model="plain20", data_dir=shipped)
+    with pytest.raises(ReslabError, match="--checkpoint and --model exclude each other"):
+        explain_block.measure(model="resnet20", checkpoint="x.pt", data_dir=shipped)
+
+
+def test_the_summary_says_the_numbers_are_exact_checks(fresh_v1):
+    result, _ = fresh_v1
+    assert explain_block.summarize(result)[-1].startswith("Uncertainty: none to estimate: these are exact numerical")

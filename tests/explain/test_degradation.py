@@ -20,9 +20,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def result(tmp_path_factory, data):
     runs = tmp_path_factory.mktemp("runs")
-    options = dict(
-        depths=[20, 32], steps=5, train_subset=160, runs_dir=str(runs), data_dir=str(data), device="cpu"
-    )
+    options = dict(depths=[20, 32], steps=5, train_subset=160, runs_dir=str(runs), data_dir=str(data), device="cpu")
     first = degradation.measure(**options)
     second = degradation.measure(**options)
     return first, second, runs, options
@@ -77,16 +75,17 @@ def test_another_seed_trains_again(result):
     assert changed["runs"]["resnet20"]["history"] != result[0]["runs"]["resnet20"]["history"]
 
 
-def test_a_budget_fixes_one_step_count_for_all_four_within_it(data, tmp_path, capsys):
+def test_a_budget_fixes_one_step_count_for_all_four(data, tmp_path, capsys):
     options = dict(depths=[20, 32], train_subset=160, data_dir=str(data), device="cpu", reference=False)
     result = degradation.measure(budget="40s", runs_dir=str(tmp_path), **options)
     out = capsys.readouterr().out
     steps = result["steps"]
     assert f"budget 40s: {steps} steps of 128 images" in out and "for each of 4 runs" in out
     assert {run["steps"] for run in result["runs"].values()} == {steps} and steps > 5
-    assert result["seconds"] <= 40
-    # The same budget again reuses the runs; another budget trains anew.
-    assert all(run["reused"] for run in degradation.measure(budget="40s", runs_dir=str(tmp_path), **options)["runs"].values())
+    # The same budget again reuses the runs (another budget or --train-steps count would train anew).
+    assert all(
+        run["reused"] for run in degradation.measure(budget="40s", runs_dir=str(tmp_path), **options)["runs"].values()
+    )
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,8 @@ the model comes back unchanged, and the measured accuracies are those of the les
 from __future__ import annotations
 
 import copy
+import math
+import statistics
 
 import pytest
 import torch
@@ -139,33 +141,63 @@ def data_dir(tmp_path_factory):
 
 
 def test_measure_counts_every_lesion_and_its_baseline_is_the_models_accuracy(data_dir, tmp_path):
-    result = lesion.measure(
-        models=("resnet20", "plain20"), runs_dir=str(tmp_path / "none"), images=16, draws=2, data_dir=data_dir
-    )
+    result = lesion.measure(models=("resnet20", "plain20"), fresh=True, images=16, draws=2, data_dir=data_dir)
     resnet, plain = result["models"]
     assert resnet["blocks"] == [f"layer{s}.{i}" for s in (1, 2, 3) for i in range(3)]
     assert resnet["downsampling"] == plain["downsampling"] == ["layer2.0", "layer3.0"]
-    assert len(resnet["single"]) == 9 and resnet["random"]["k"] == [1, 2, 4, 6, 8]
-    assert [len(a) for a in resnet["random"]["accuracy"]] == [2] * 5
+    assert len(resnet["single"]) == 9 and resnet["random"]["k"] == [2, 4, 8]
+    assert [len(a) for a in resnet["random"]["accuracy"]] == [2] * 3
     # The same seeded draws for both nets, and each draw deletes k distinct blocks.
     assert resnet["random"]["deleted"] == plain["random"]["deleted"]
-    assert all(
-        len(set(s)) == k for k, sets in zip([1, 2, 4, 6, 8], resnet["random"]["deleted"], strict=True) for s in sets
-    )
-    assert resnet["swaps"]["pairs"] == [
-        ["layer1.0", "layer1.1"],
-        ["layer1.1", "layer1.2"],
-        ["layer2.1", "layer2.2"],
-        ["layer3.1", "layer3.2"],
-    ]
+    assert all(len(set(s)) == k for k, sets in zip([2, 4, 8], resnet["random"]["deleted"], strict=True) for s in sets)
+    # Neighbours that keep their shape, each block in one pair at most.
+    assert resnet["swaps"]["pairs"] == [["layer1.0", "layer1.1"], ["layer2.1", "layer2.2"], ["layer3.1", "layer3.2"]]
     # The intact accuracy is the fresh model's own, on the same test images.
     subject = load_subject(model="resnet20", data_dir=data_dir, seed=0)
     x, y = real_images(subject.info, split="test", count=16, seed=0, data_dir=data_dir)
     assert resnet["baseline"] == accuracy(subject.model, x, y)
     with _lesioned(subject.model, delete=["layer2.0"]):
         assert resnet["single"][3] == accuracy(subject.model, x, y)
-    assert lesion.summarize(result)[0].startswith("Lesion study")
+    assert resnet["kind"] == "fresh" and not resnet["trained"]
+    lines = lesion.summarize(result)
+    assert lines[0].startswith("Lesion study") and lines[1].startswith("Nets studied: resnet20, plain20: FRESH")
     assert [p.name for p in lesion.plot(result, tmp_path)] == ["lesion.png"]
+
+
+def test_every_accuracy_has_its_standard_error(data_dir):
+    result = lesion.measure(models=("resnet20",), fresh=True, images=30, draws=3, data_dir=data_dir, seed=1)
+    (net,) = result["models"]
+    n = 30
+    binomial = lambda p: math.sqrt(p * (1 - p) / n)  # noqa: E731 - the formula, written out
+    assert net["baseline_se"] == pytest.approx(binomial(net["baseline"]))
+    assert net["single_se"] == pytest.approx([binomial(p) for p in net["single"]])
+    assert net["swaps"]["se"] == pytest.approx([binomial(p) for p in net["swaps"]["accuracy"]])
+    # The mean over the single deletions, and its drop from the intact net, with their errors over the images:
+    # recomputed here from each lesion's per-image correctness.
+    subject = load_subject(model="resnet20", data_dir=data_dir, seed=1)
+    x, y = real_images(subject.info, split="test", count=n, seed=1, data_dir=data_dir)
+    with torch.no_grad():
+        intact = (subject.model(x).argmax(1) == y).double()
+        rows = []
+        for name in net["blocks"]:
+            with _lesioned(subject.model, delete=[name]):
+                rows.append((subject.model(x).argmax(1) == y).double())
+    per_image = torch.stack(rows).mean(0)
+    mean = net["single_mean"]
+    assert mean["accuracy"] == pytest.approx(per_image.mean().item())
+    assert mean["se"] == pytest.approx(per_image.std().item() / math.sqrt(n))
+    assert mean["drop"] == pytest.approx(net["baseline"] - per_image.mean().item())
+    assert mean["drop_se"] == pytest.approx((intact - per_image).std().item() / math.sqrt(n))
+    random = net["random"]
+    assert random["mean"] == pytest.approx([sum(a) / 3 for a in random["accuracy"]])
+    assert random["se_draws"] == pytest.approx([statistics.stdev(a) / math.sqrt(3) for a in random["accuracy"]])
+
+
+def test_shipped_trained_nets_are_the_default(shipped):
+    result = lesion.measure(images=8, draws=1, data_dir=shipped)
+    assert [net["label"] for net in result["models"]] == ["resnet56", "plain56"]
+    assert all(net["kind"] == "shipped" and net["trained"] for net in result["models"])
+    assert "the reference weights shipped with reslab" in lesion.summarize(result)[1]
 
 
 def test_bad_options_are_one_sentence_errors(data_dir):

@@ -160,3 +160,20 @@ def test_cli_prints_on_rank0_alone(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_models", own_error)
     assert cli.main(["models"]) == 2
     assert capsys.readouterr().err == "reslab: error: rank 1: a file only this rank reads is missing\n"
+
+
+def test_a_budget_under_torchrun_fixes_one_step_count_on_both_ranks(tiny_fashion, tmp_path):
+    run = tmp_path / "ddp-budget"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "reslab"]
+    flags = ["--budget", "25s", "--batch-size", "16", "--data-dir", str(tiny_fashion), "--out-dir", str(run)]
+    result = subprocess.run(
+        [*torchrun, "train", *TINY, *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    results = json.loads((run / "results.json").read_text())
+    assert result.stdout.count("budget 25s: ") == 1 and f"budget 25s: {results['steps']} steps" in result.stdout
+    assert results["train_images"] == results["steps"] * 16 * 2  # both ranks took every step

@@ -20,6 +20,7 @@ from reslab.explain.common import device_of, load_subject, real_images
 from reslab.models.blocks import BasicBlock
 
 TOLERANCE = 1e-5  # the bar for float64; the measured differences are ~1e-15
+EXACT = "none to estimate: each line is an exact numerical check of a formula against autograd on fixed tensors"
 CHECKPOINT_IMAGES = 8  # a few real images: enough for BatchNorm's batch statistics
 DTYPE = torch.float64
 
@@ -246,7 +247,7 @@ def measure(
     ]
     worst = max(d for op in ops for d in op["max_abs_diff"].values())
     return {"source": t["source"], "block_weights": t["block_from"], "dtype": "float64", "tolerance": TOLERANCE,
-            "worst": worst, "ops": ops}  # fmt: skip
+            "worst": worst, "uncertainty": EXACT, "ops": ops}  # fmt: skip
 
 
 def _fresh_tensors(gen: torch.Generator) -> dict[str, Any]:
@@ -347,4 +348,5 @@ def summarize(result: dict[str, Any]) -> list[str]:
         formula = "the same formulas" if op["formula"] in shown else op["formula"]
         shown.add(op["formula"])
         lines.append(f"{op['op']}: {formula}. max |hand - autograd|: {diffs}.")
+    lines.append(f"Uncertainty: {result['uncertainty']} (float64 rounding, tolerance {result['tolerance']:g}).")
     return lines

@@ -1,7 +1,7 @@
 """``reslab explain block``: one residual block, step by step.
 
-Three claims of residual learning, measured on one block of reslab's own classes (fresh, or a trained
-checkpoint's block fed with the activations real test images give it):
+Three claims of residual learning, measured on one block of reslab's own classes (fresh, or a block of a trained
+net, shipped or a checkpoint, fed with the activations real test images give it):
 
 - forward: ``y = merge(F(x), shortcut(x))``, with the statistics of each tensor;
 - BatchNorm: train mode normalizes with the batch mean and the biased batch variance, and moves the running
@@ -24,12 +24,17 @@ import torch
 from torch import Tensor, nn
 
 from reslab.errors import ReslabError
-from reslab.explain.common import device_of, load_subject, real_images, residual_blocks
+from reslab.explain.common import Subject, device_of, load_subject, load_subjects, real_images, residual_blocks
 from reslab.models.blocks import BLOCKS
 
 DEFAULT_SHAPES = {"bottleneck": (8, 256, 56, 56), "basic": (8, 64, 56, 56)}  # the notes' example for a bottleneck
 WARM_PASSES = (0, 1, 2, 4, 8, 16, 32)  # running stats keep 0.9^k of their start after k passes
 CHECKPOINT_IMAGES = 64  # real test images whose activations feed a trained block
+SHIPPED_MODEL = "resnet56"  # the shipped trained net whose block --block-name picks without --checkpoint
+EXACT = (
+    "none to estimate: these are exact numerical checks on fixed tensors (the differences are float32 rounding); "
+    "the statistics of x, F(x) and y are of that one batch"
+)
 HIST_BINS = 60
 
 
@@ -39,6 +44,7 @@ def measure(
     version: str = "v1",
     shape: list[int] | tuple[int, ...] | None = None,
     checkpoint: str | None = None,
+    model: str | None = None,
     block_name: str | None = None,
     dataset: str = "fashion-mnist",
     data_dir: str | None = None,
@@ -49,20 +55,28 @@ def measure(
 
     Args:
         block, version: a fresh ``"basic"`` or ``"bottleneck"`` block, ``"v1"`` (ReLU after the sum) or
-            ``"v2"`` (pre-activation). Ignored with ``checkpoint``: the trained net's block is what it is.
+            ``"v2"`` (pre-activation). Ignored for a trained net's block: it is what it is.
         shape: a fresh block's input (N, C, H, W); default (8, 256, 56, 56) for a bottleneck (planes C / 4,
             so the shortcut is the identity), (8, 64, 56, 56) for a basic block.
         checkpoint, block_name: a trained model and which of its blocks (default the first, e.g. ``layer1.0``).
-        dataset: unused (a fresh block gets random input; a checkpoint names its own dataset).
-        data_dir: where the checkpoint's dataset is looked for.
+        model: without ``checkpoint``, the shipped trained net whose block to study (default ``resnet56``
+            when ``block_name`` is given; neither: a fresh block).
+        dataset: unused (a fresh block gets random input; a trained net names its own dataset).
+        data_dir: where the trained net's dataset is looked for.
     """
     dev = device_of(device)
-    if checkpoint is None:
+    if checkpoint is None and model is None and block_name is None:
         blk, x, about, draw = _fresh_block(block, version, shape, seed, dev)
     else:
         if shape is not None:
-            raise ReslabError("--shape is for a fresh block; with --checkpoint real images decide the input")
-        blk, x, about = _trained_block(checkpoint, block_name, data_dir, seed, dev)
+            raise ReslabError("--shape is for a fresh block; a trained net's block gets its input from real images")
+        if checkpoint is not None and model is not None:
+            raise ReslabError("--checkpoint and --model exclude each other: each names the trained net")
+        if checkpoint is not None:
+            subject = load_subject(checkpoint=checkpoint, device=dev)
+        else:
+            (subject,) = load_subjects([model or SHIPPED_MODEL], dataset=dataset, device=dev)
+        blk, x, about = _trained_block(subject, block_name, data_dir, seed, dev)
         draw = None
     with torch.no_grad():  # in eval mode: a train-mode pass would move the running statistics before they are read
         out_shape = copy.deepcopy(blk).eval()(x).shape
@@ -71,6 +85,7 @@ def measure(
     return {
         **about,
         "shape": list(x.shape),
+        "uncertainty": EXACT,
         "forward": _forward(copy.deepcopy(blk), x),
         "batchnorm": _batchnorm(copy.deepcopy(blk), x, draw),
         "backward": backward,
@@ -104,6 +119,7 @@ def _fresh_block(
         version=version,
         kind=type(blk).__name__,
         source=f"fresh (seed {seed})",
+        weights="fresh",
         block_name=None,
         input="x ~ N(0, 1), random",
         shortcut="identity",
@@ -118,15 +134,17 @@ def _he_init(blk: nn.Module) -> None:
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
 
-def _trained_block(checkpoint: str, block_name: str | None, data_dir, seed: int, dev) -> tuple[nn.Module, Tensor, dict]:
-    subject = load_subject(checkpoint=checkpoint, device=dev)
+def _trained_block(
+    subject: Subject, block_name: str | None, data_dir, seed: int, dev
+) -> tuple[nn.Module, Tensor, dict]:
+    """A copy of ``subject``'s block ``block_name`` (default the first) and its input on real test images."""
     blocks = dict(residual_blocks(subject.model))
     name = block_name or next(iter(blocks))
     if name not in blocks:
         raise ReslabError(f"no block {name!r} in {subject.label}; its blocks are {', '.join(blocks)}")
     blk = blocks[name]
     if not blk.residual:
-        raise ReslabError(f"{subject.label} is a plain network: its blocks have no shortcut; pass a ResNet checkpoint")
+        raise ReslabError(f"{subject.label} is a plain network: its blocks have no shortcut; pass a ResNet")
     captured: list[Tensor] = []
     hook = blk.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach().clone()))
     images, _ = real_images(subject.info, count=CHECKPOINT_IMAGES, seed=seed, data_dir=data_dir, device=dev)
@@ -140,7 +158,8 @@ def _trained_block(checkpoint: str, block_name: str | None, data_dir, seed: int,
         block=config["block"],
         version=config["version"],
         kind=type(blk).__name__,
-        source=subject.source,
+        source=f"{subject.label}, {subject.source}" if subject.kind == "shipped" else subject.source,
+        weights=subject.kind,
         block_name=name,
         input=f"its input on {len(images)} real {subject.info.name} test images (eval mode)",
         shortcut="identity" if blk.downsample is None else repr(blk.downsample).replace("\n", ""),
@@ -423,13 +442,15 @@ def _plot_norm_std(ax, bn: dict[str, Any]) -> None:
 
 
 def summarize(result: dict[str, Any]) -> list[str]:
-    """Five lines: forward, BN by hand, BN train vs eval, backward through both paths, no-shortcut contrast."""
+    """Six lines: forward, BN by hand, BN train vs eval, backward through both paths, no-shortcut contrast, and
+    what the numbers' uncertainty is."""
     return [
         _summary_forward(result),
         _summary_bn(result["batchnorm"]),
         _summary_gap(result),
         _summary_backward(result),
         _summary_plain(result),
+        f"Uncertainty: {result['uncertainty']}.",
     ]
 
 

@@ -70,3 +70,21 @@ def load_weights(name: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     model = ResNet(**entry["model_config"])
     model.load_state_dict(load_file(str(path)))  # strict: every tensor, no other
     return model.eval(), entry
+
+
+def test_accuracy(name: str, *, images: int | None = None, data_dir: str | None = None) -> tuple[float, int]:
+    """(accuracy, images) of the shipped model ``name`` on the first ``images`` Fashion-MNIST test images (all
+    10,000 when None), in float32 with BatchNorm in inference mode: what its manifest records, checked again."""
+    from reslab.data import load_dataset
+    from reslab.data.loaders import TensorBatchLoader
+    from reslab.data.types import DatasetInfo
+    from reslab.train import evaluate
+
+    model, entry = load_weights(name)
+    info = DatasetInfo(**{**entry["dataset"], "image_size": tuple(entry["dataset"]["image_size"])})
+    test = load_dataset(info.name, data_dir=data_dir, val_ratio=0.0, download=False).test
+    if images is not None:
+        test = test.subset(torch.arange(min(images, len(test))))
+    loader = TensorBatchLoader(test, info, batch_size=1000, train=False, device=torch.device("cpu"))
+    result = evaluate(model, loader, num_classes=info.num_classes, device=torch.device("cpu"), amp_dtype=None)
+    return result.accuracy, len(test)

@@ -201,7 +201,8 @@ def probe(
             train.set_epoch(epoch, 0)
             yield from train
 
-    step_seconds = time_steps(model, batches(), make_step, device=rt.device)
+    # Under DDP every rank must take the same steps (each one is a collective): a fixed count, not a time.
+    step_seconds = time_steps(model, batches(), make_step, device=rt.device, min_seconds=0.0 if rt.distributed else 1.5)
 
     def per_image(loader, tta: bool) -> float:
         if loader is None:
