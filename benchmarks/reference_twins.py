@@ -38,7 +38,7 @@ def commit() -> str:
     return head + ("+changes" if dirty.strip() else "")
 
 
-def package(result: dict, runs_dir: Path, machine: dict, command: str, seconds: float) -> Path:
+def package(result: dict, runs_dir: Path, provenance: dict) -> Path:
     FOLDER.mkdir(parents=True, exist_ok=True)
     models = {}
     for name, run in result["runs"].items():
@@ -61,11 +61,7 @@ def package(result: dict, runs_dir: Path, machine: dict, command: str, seconds: 
     figure = runs_dir / "figure" / "degradation.png"
     shutil.copy(figure, FOLDER / "degradation.png")
     manifest = {
-        "command": command,
-        "commit": commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine,
-        "seconds": round(seconds, 1),
+        **provenance,
         "budget": result["budget"],
         "steps": result["steps"],
         "recipe": result["recipe"],
@@ -91,7 +87,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    machine = {**describe(device), "fp32_matmul_gflops": round(matmul_peak(device), 1)}
+    provenance = {
+        "command": " ".join(["python", "benchmarks/reference_twins.py", *sys.argv[1:]]),
+        "commit": commit(),  # before the weights are written into src/
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {**describe(device), "fp32_matmul_gflops": round(matmul_peak(device), 1)},
+    }
     start = time.perf_counter()
     result = degradation.measure(
         budget=args.budget,
@@ -106,8 +107,7 @@ def main() -> None:
     figure_dir = Path(args.runs_dir) / "figure"
     figure_dir.mkdir(parents=True, exist_ok=True)
     degradation.plot(result, figure_dir)
-    command = " ".join(["python", "benchmarks/reference_twins.py", *sys.argv[1:]])
-    out = package(result, Path(args.runs_dir), machine, command, seconds)
+    out = package(result, Path(args.runs_dir), {**provenance, "seconds": round(seconds, 1)})
     print("\n".join(degradation.summarize(result)))
     print(f"wrote {out} and the weights beside it ({seconds:.0f} s)")
 

@@ -101,7 +101,7 @@ def test_bad_depths_are_one_clear_error(depths, message):
     [
         (["--budget", "ten minutes"], "budget must be a duration"),
         (["--budget", "2s"], "a budget of 2s is too small"),
-        (["--train-steps", "0"], "--steps must be at least 1"),
+        (["--train-steps", "0"], "--train-steps must be at least 1"),
     ],
 )
 def test_bad_budgets_are_one_line_and_write_nothing(data, tmp_path, capsys, flags, message):

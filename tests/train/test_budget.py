@@ -17,13 +17,14 @@ from tests.train.test_trainer import assert_same_run
 
 
 @pytest.mark.parametrize(
-    ("text", "seconds"), [("90s", 90), ("4m", 240), ("1h", 3600), ("1h30m", 5400), ("2.5m", 150), ("45", 45)]
+    ("text", "seconds"),
+    [("90s", 90), ("4m", 240), ("1h", 3600), ("1h30m", 5400), ("2.5m", 150), ("45", 45), ("3m40s", 220)],
 )
 def test_budget_durations(text, seconds):
     assert parse_budget(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "4 minutes", "m", "-1m", "0", "0s", "4m4x", "nan"])
+@pytest.mark.parametrize("text", ["", "4 minutes", "m", "-1m", "0", "0s", "4m4x", "nan", "1.5.3", "1m1m", "30s1m"])
 def test_a_bad_budget_is_one_line(text):
     with pytest.raises(ReslabError, match="budget must be a"):
         parse_budget(text)
@@ -108,7 +109,27 @@ def test_a_budget_smaller_than_the_warm_up_is_one_line_and_writes_nothing(tiny_f
 
 
 def test_a_training_subset_keeps_each_class_share(tiny_config):
-    results = fit(tiny_config(train_subset=100, epochs=1))
-    assert results["train_images"] == 96  # 100 of the 512 training images, 3 batches of 32
+    from reslab.data import load_dataset
+    from reslab.data.types import subset_of_train
+
+    cfg = tiny_config(train_subset=100, epochs=1)
+    bundle = load_dataset("fashion-mnist", data_dir=cfg.data_dir, val_ratio=cfg.val_ratio, seed=cfg.seed)
+    before = torch.bincount(bundle.train.labels, minlength=10).float()
+    subset = subset_of_train(bundle, 100, cfg.seed)
+    after = torch.bincount(subset.labels, minlength=10).float()
+    assert abs(len(subset) - 100) <= 5 and torch.allclose(after / len(subset), before / len(bundle.train), atol=0.02)
+    assert fit(cfg)["train_images"] == len(subset) // 32 * 32  # whole batches of the subset, one epoch
     with pytest.raises(ReslabError, match="train_subset must be below"):
         fit(tiny_config(train_subset=10_000, overwrite=True))
+
+
+def test_warmup_options_are_checked_and_one_cycle_warms_up_over_30_percent_by_default():
+    with pytest.raises(ReslabError, match="warmup_fraction must be in"):
+        from_dict({"warmup_fraction": 1.0})
+    with pytest.raises(ReslabError, match="not both"):
+        from_dict({"warmup_fraction": 0.1, "warmup_epochs": 1})
+    with pytest.raises(ReslabError, match="budget and progressive_sizes"):
+        from_dict({"budget": "4m", "progressive_sizes": [16, 28]})
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+    factors = build_scheduler(optimizer, TrainConfig(schedule="onecycle", steps=100), 10).lr_lambdas[0]
+    assert max(range(101), key=factors) == 29 and factors(29) == 1.0  # the warmup's last step: 30 of 100

@@ -17,7 +17,6 @@ Every model's run folder (``<runs_dir>/<name>``: best.pt, last.pt, metrics, Tens
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -77,20 +76,23 @@ def _config(name: str, values: dict[str, Any], *, runs_dir: Path, device: str):
 _RUN_ONLY = {"out_dir", "overwrite", "quiet", "device", "amp", "channels_last", "steps", "budget"}
 
 
-def _finished(cfg) -> dict[str, Any] | None:
-    """The saved run of this recipe, if one finished (its results.json and best.pt agree with it); the step
-    count and warmup that its budget fixed are the run's own."""
+def _finished(cfg) -> tuple[int, str | None] | None:
+    """(steps, budget) of the saved run of this recipe, if one finished: its best.pt holds the final results and
+    its last.pt the same config and history (a run started again over it and stopped early has a last.pt of its
+    own). The step count, and the budget that fixed it, are the run's own."""
     from reslab.train import load_checkpoint
 
     run = Path(cfg.out_dir)
-    if not (run / "results.json").is_file() or not (run / "best.pt").is_file() or not (run / "last.pt").is_file():
+    if not (run / "best.pt").is_file() or not (run / "last.pt").is_file():
         return None
-    ckpt = load_checkpoint(run / "best.pt")
-    saved = {k: v for k, v in ckpt["config"].items() if k not in _RUN_ONLY}
+    best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
+    saved = {k: v for k, v in best["config"].items() if k not in _RUN_ONLY}
     wanted = {k: v for k, v in cfg.to_dict().items() if k not in _RUN_ONLY}
-    if saved != wanted or "results" not in ckpt or not ckpt["config"].get("steps"):
+    if saved != wanted or "results" not in best or not best["config"].get("steps"):
         return None
-    return _read_run(run)
+    if last["config"] != best["config"] or last["history"] != best["history"]:
+        return None
+    return best["config"]["steps"], best["config"]["budget"] or None
 
 
 def _read_run(run: Path) -> dict[str, Any]:
@@ -99,7 +101,7 @@ def _read_run(run: Path) -> dict[str, Any]:
     ckpt = load_checkpoint(run / "best.pt")
     return {
         "history": ckpt["history"],
-        "results": json.loads((run / "results.json").read_text()),
+        "results": ckpt["results"],
         "steps": ckpt["config"]["steps"],
         "budget": ckpt["config"]["budget"] or None,  # what fixed the step count (None: given by hand)
         "final": _final_errors(run),
@@ -183,15 +185,14 @@ def measure(
         raise ReslabError("--depths needs at least two different depths to compare, e.g. 20 56")
     names = _names(tuple(sorted(depths)))
     if steps is not None and steps < 1:
-        raise ReslabError(f"--steps must be at least 1, not {steps}")
+        raise ReslabError(f"--train-steps must be at least 1, not {steps}")
     if steps is None:
         parse_budget(budget)  # a bad budget is one line before anything is measured
     configs = [_config(name, values, runs_dir=Path(runs_dir), device=device) for name in names]
-    runs = {} if retrain else {cfg.model: done for cfg in configs if (done := _finished(cfg)) is not None}
-    fixed_by = {(run["steps"], run["budget"]) for run in runs.values()}
-    if len(runs) == len(configs) and len(fixed_by) == 1 and _same_count(fixed_by.pop(), steps, budget):
+    finished = [] if retrain else [_finished(cfg) for cfg in configs]
+    if finished and None not in finished and len(set(finished)) == 1 and _same_count(finished[0], steps, budget):
         print(f"reusing the finished runs in {runs_dir} (--retrain trains them again)")
-        runs = {name: {**run, "reused": True} for name, run in runs.items()}
+        runs = {cfg.model: {**_read_run(Path(cfg.out_dir)), "reused": True} for cfg in configs}
     else:
         runs = _train_all(configs, budget=budget, steps=steps, started=started)
     table = [_row(name, run) for name, run in runs.items()]

@@ -27,8 +27,8 @@ from torch import nn
 
 from reslab.errors import ReslabError
 
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
-_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([hms]?)")
+# h, then m, then s, each at most once: "90s", "4m", "1.5h", "1h30m", "2m30s", or plain seconds ("90").
+_DURATION = re.compile(r"(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?(?:(?P<s>\d+(?:\.\d+)?)s?)?")
 SAFETY = 0.95  # the step count is fitted to 95% of the budget: a shared CPU's speed drifts by a few percent
 AUTO_SAVE_SECONDS = 60.0  # the trainer's automatic mid-epoch checkpoint interval (trainer.AUTO_SAVE_SECONDS)
 
@@ -38,25 +38,17 @@ def parse_budget(text: str | float | int) -> float:
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         seconds = float(text)
     else:
-        spec = str(text).strip().lower()
+        spec = str(text).strip().lower().replace(" ", "")
         if spec.startswith("-"):
             raise ReslabError(f"budget must be a positive duration, not {text!r}")
-        parts = _PART.findall(spec)
-        if not spec or _PART.sub("", spec).strip() or not parts:
+        found = _DURATION.fullmatch(spec)
+        if not spec or found is None or not any(found.groups()):
             raise ReslabError(f"budget must be a duration such as 90s, 4m, 1h or 1h30m, not {text!r}")
-        seconds = sum(float(number) * _UNITS[unit or "s"] for number, unit in parts)
+        hours, minutes, rest = (float(v or 0) for v in found.group("h", "m", "s"))
+        seconds = hours * 3600 + minutes * 60 + rest
     if not (math.isfinite(seconds) and seconds > 0):
         raise ReslabError(f"budget must be a positive duration, not {text!r}")
     return seconds
-
-
-def format_seconds(seconds: float) -> str:
-    """``245.3`` -> ``"4m5s"``; under a minute, ``"42.0s"``."""
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, rest = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes or hours else "") + f"{rest}s"
 
 
 @dataclass(frozen=True)
@@ -68,11 +60,13 @@ class RunCosts:
     final_seconds: float  # once at the end: the test set (with its test-time views)
     save_seconds: float  # one checkpoint written inside an epoch (about once a minute)
     setup_seconds: float = 0.0  # reading the data and building the model, for a run not yet started
+    save_every_steps: int = 0  # the run's checkpoint interval inside an epoch; 0: about once a minute
 
     def total(self, steps: int, steps_per_epoch: int) -> float:
         """Seconds for a run of ``steps`` optimizer steps."""
         train = steps * self.step_seconds
-        saves = math.floor(train / AUTO_SAVE_SECONDS) * self.save_seconds
+        every = self.save_every_steps
+        saves = (steps // every if every else math.floor(train / AUTO_SAVE_SECONDS)) * self.save_seconds
         epochs = math.ceil(steps / steps_per_epoch) * self.epoch_seconds
         return self.setup_seconds + train + epochs + saves + self.final_seconds
 
@@ -190,8 +184,8 @@ def probe(
 ) -> RunCosts:
     """The ``RunCosts`` of training ``model`` (``num_classes`` outputs) with ``cfg`` on ``loaders`` (train, val,
     test; val and test may be None) in runtime ``rt``. ``make_step(copy)`` is the trainer's own step on a copy of
-    the model (with its own optimizer, schedule and checks); ``eval_images``: (validation, test) images this
-    process evaluates."""
+    the model (with its own optimizer, schedule and checks); ``eval_images``: (validation, test) images of the
+    whole split (under DDP each rank evaluates its share, and the time per image is per image of the split)."""
     from reslab.train.engine import evaluate
 
     train, val, test = loaders
@@ -219,11 +213,12 @@ def probe(
 
     # A checkpoint of the training state holds the weights and about as much optimizer state again.
     save_seconds = 2 * time_saving(model.state_dict(), rt.device)
-    val_seconds = per_image(val, tta=False) * eval_images[0]
+    # With a weight average (EMA) both the weights and their average are validated.
+    val_seconds = per_image(val, tta=False) * eval_images[0] * (2 if cfg.ema_decay else 1)
     # Each epoch: validation, last.pt (weights and optimizer state) and best.pt (weights), and the logs.
     epoch_seconds = val_seconds + 1.5 * save_seconds + time_epoch_logs(model, cfg.hist_every)
     final_seconds = per_image(test, tta=True) * eval_images[1] + save_seconds
-    return RunCosts(step_seconds, epoch_seconds, final_seconds, save_seconds)
+    return RunCosts(step_seconds, epoch_seconds, final_seconds, save_seconds, save_every_steps=cfg.save_every_steps)
 
 
 def plan(cfg, spent: float, costs: list[RunCosts], steps_per_epoch: int) -> tuple[int, str]:

@@ -28,7 +28,7 @@ class TrainConfig:
     data_dir: str | None = None  # looked in first; then $RESLAB_DATA, then /usr/share/datasets
     download: bool = True  # let torchvision fetch missing files where the network allows
     val_ratio: float = 0.2  # held out of the training set, stratified, for early stopping (as the seeds)
-    train_subset: int = 0  # train on this many images of the training split (stratified, by seed); 0 = all
+    train_subset: int = 0  # train on about this many training images, the same share of each class; 0 = all
     image_size: int | None = None  # imagefolder only: resize to this square size (default 224)
     in_chans: int | None = None  # imagefolder only: 1 for grayscale, 3 (default) for RGB
     on_bad_image: str = "skip"  # imagefolder: skip (listed in bad_images.txt) or fail on unreadable files
@@ -190,6 +190,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         from reslab.train.budget import parse_budget
 
         parse_budget(cfg.budget)  # one line for "4 minutes", "-1m", "0"
+        if cfg.progressive_sizes:  # the probe times the first epoch's size; later, larger epochs cost more
+            raise ReslabError("budget and progressive_sizes do not go together: give epochs or steps instead")
     positive = ("epochs", "batch_size", "eval_batch_size", "step_size", "sync_every_steps")
     for name in positive:
         if getattr(cfg, name) < 1:

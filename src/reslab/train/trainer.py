@@ -100,7 +100,12 @@ class Trainer:
         cfg = self.cfg
         with runtime.shared_errors(rt):
             self._check_same_data(ckpt)
-            self.state = self._build_state()
+            model, optimizer = self._new_model()
+            self._prepare_loop(optimizer)
+        if self.cfg.budget and not self.cfg.steps:  # the probe runs collectives under DDP: outside those blocks
+            self.cfg = cfg = dataclasses.replace(self.cfg, steps=self._steps_for_budget(model))
+        with runtime.shared_errors(rt):
+            self.state = self._state_of(model, optimizer)
             if ckpt is not None:
                 self.state.load_state_dict(ckpt, rank=rt.rank)
                 self.state.stopped_early &= cfg.patience > 0  # early stopping ended it; without patience, go on
@@ -174,8 +179,10 @@ class Trainer:
     def _adopt_budgeted_steps(self, saved: dict[str, Any]) -> None:
         """Resuming a budgeted run from its recipe (``--resume auto``): the step count its budget fixed when it
         started holds, not a new measurement (which would change the schedule, and so every step after)."""
-        if self.cfg.budget and not self.cfg.steps and saved.get("budget") == self.cfg.budget:
-            self.cfg = dataclasses.replace(self.cfg, steps=saved.get("steps", 0))
+        if not (self.cfg.budget and not self.cfg.steps and saved.get("budget")):
+            return
+        if budget.parse_budget(saved["budget"]) == budget.parse_budget(self.cfg.budget):  # "90" is "90s", "1m30s"
+            self.cfg = dataclasses.replace(self.cfg, steps=saved.get("steps", 0), budget=saved["budget"])
 
     def _set_aside_damaged(self, resumed: Path) -> None:
         """Resuming from last.prev.pt because last.pt is damaged: keep that good file as the next save's backup."""
@@ -188,7 +195,7 @@ class Trainer:
         cfg = self.cfg
 
         def load() -> DataBundle:
-            return load_dataset(
+            bundle = load_dataset(
                 cfg.dataset,
                 data_dir=cfg.data_dir,
                 val_ratio=cfg.val_ratio,
@@ -199,10 +206,11 @@ class Trainer:
                 on_bad_image=cfg.on_bad_image,
                 max_image_pixels=cfg.max_image_pixels,
             )
+            if cfg.train_subset:
+                bundle.train = subset_of_train(bundle, cfg.train_subset, cfg.seed)
+            return bundle
 
         bundle = runtime.on_every_rank(load, self.rt)  # a user error on one rank ends every rank alike
-        if cfg.train_subset:
-            bundle.train = subset_of_train(bundle, cfg.train_subset, cfg.seed)
         with runtime.shared_errors(self.rt):
             if bundle.bad_files and self.rt.is_main:
                 from reslab.data.verify import write_bad_images
@@ -224,13 +232,6 @@ class Trainer:
                 f"the data changed since {self.resumed_from} was saved (images per split then {saved}, now "
                 f"{self._data_sizes()}); restore the files to continue, or start a new run (--overwrite)"
             )
-
-    def _build_state(self) -> TrainState:
-        model, optimizer = self._new_model()
-        self._prepare_loop(optimizer)
-        if self.cfg.budget and not self.cfg.steps:
-            self.cfg = dataclasses.replace(self.cfg, steps=self._steps_for_budget(model))
-        return self._state_of(model, optimizer)
 
     def _new_model(self) -> tuple[nn.Module, torch.optim.Optimizer]:
         cfg, rt, info = self.cfg, self.rt, self.info
@@ -264,21 +265,29 @@ class Trainer:
         run then trains exactly as one given ``--steps`` with that count."""
         costs = self._measure_costs(model)
         spent = time.perf_counter() - self.wall_start
-        steps, self.budget_note = budget.plan(self.cfg, spent, [costs], len(self.train_loader))
+        if self.rt.distributed:  # every rank plans from the same numbers, so every rank takes the same count
+            spent = float(runtime.all_reduce_sum(torch.tensor(spent, device=self.rt.device))) / self.rt.world_size
+        with runtime.shared_errors(self.rt):
+            steps, self.budget_note = budget.plan(self.cfg, spent, [costs], len(self.train_loader))
         return steps
 
     def _measure_costs(self, model: nn.Module) -> budget.RunCosts:
         """``budget.probe`` of this run, with its own step (``_probe_step``); under DDP the ranks' mean."""
         cfg, rt = self.cfg, self.rt
         sizes = self._data_sizes()
-        per_rank = (math.ceil(sizes["val"] / rt.world_size), math.ceil(sizes["test"] / rt.world_size))
         loaders = (self.train_loader, self.val_loader, self.test_loader)
         costs = budget.probe(
-            model, self._probe_step, loaders, cfg, rt, num_classes=self.info.num_classes, eval_images=per_rank
+            model,
+            self._probe_step,
+            loaders,
+            cfg,
+            rt,
+            num_classes=self.info.num_classes,
+            eval_images=(sizes["val"], sizes["test"]),
         )
         if rt.distributed:  # every rank must take the same count: plan with the mean of their measurements
             mean = runtime.all_reduce_sum(torch.tensor(list(vars(costs).values()), device=rt.device)) / rt.world_size
-            costs = budget.RunCosts(*mean.tolist())
+            costs = budget.RunCosts(*mean.tolist()[:-1], save_every_steps=cfg.save_every_steps)
         return costs
 
     def _probe_step(self, copy: nn.Module):
