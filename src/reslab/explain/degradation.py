@@ -378,9 +378,9 @@ def summarize(result: dict[str, Any]) -> list[str]:
     how = f"a budget of {result['budget']}" if result.get("budget") else "--steps"
     lines = [
         f"{len(result['runs'])} models, {result['steps']} steps of {result['recipe']['batch_size']} images each "
-        f"(from {how}), the same batches in the same order, on {first['final']['train']['images']} "
-        f"{result['dataset']} training images; final errors of the last weights, BatchNorm in inference mode, "
-        f"+- one standard error over images:"
+        f"(from {how}), the same batches in the same order, on {result['dataset']}; final errors of the last "
+        f"weights, BatchNorm in inference mode, on {first['final']['train']['images']} of the training images "
+        f"they trained on and on the test set, +- one standard error over images:"
     ]
     for row in result["table"]:
         lines.append(
