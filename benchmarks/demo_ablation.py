@@ -1,12 +1,13 @@
 """The demo recipe at a fixed amount of work, and what each of its choices is worth there.
 
 Usage:
-    python benchmarks/demo_ablation.py [--steps 390] [--seeds 0] [--amp off] [--only NAME ...]
+    python benchmarks/demo_ablation.py [--images 99840] [--seeds 0] [--amp off] [--only NAME ...]
 
 `make demo` trains for a wall-clock budget, so its accuracy depends on the CPU. This benchmark fixes the work
-instead: `--steps 390` of 256 images is about 100,000 training images, what a 2-core AVX2-only CPU (fp32
-matrix-product peak about 130 GFLOP/s) trains in the demo's budget. Each variant is `reslab train --recipe
-recipes/fashion_mnist_demo.yaml --steps N` with one choice changed; every run is a fresh process. Writes
+instead: about 100,000 training images (780 steps of 128), what a 2-core AVX2-only CPU (fp32 matrix-product
+peak about 130 GFLOP/s) trains in the demo's budget. Each variant is `reslab train --recipe
+recipes/fashion_mnist_demo.yaml --steps N` with one choice changed (N: the same images at its batch size);
+every run is a fresh process. Writes
 benchmarks/results/demo_ablation_<amp>_cpu.json: each variant's test accuracy per seed, its images and seconds,
 and the machine (CPU, flags, cores, torch, the measured fp32 matrix-product peak).
 """
@@ -29,12 +30,14 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "no_label_smoothing": ("label smoothing 0.1 -> 0", ["--label-smoothing", "0"]),
     "cosine": ("cosine decay in place of the linear decay to zero", ["--schedule", "cosine"]),
     "no_augmentation": ("no random crops or flips", ["--crop-padding", "0", "--no-flip"]),
+    "batch_256": ("batch 256 at lr 0.2", ["--batch-size", "256", "--lr", "0.2"]),
+    "batch_64": ("batch 64 at lr 0.05", ["--batch-size", "64", "--lr", "0.05"]),
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=390, help="optimizer steps of 256 images")
+    parser.add_argument("--images", type=int, default=99_840, help="training images per run (780 x 128)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--amp", default="off", help="off (float32, as an AVX2 CPU trains) or auto")
     parser.add_argument("--only", nargs="+", default=None, choices=list(VARIANTS))
@@ -42,7 +45,8 @@ def main() -> None:
     results = {}
     for name in args.only or VARIANTS:
         what, flags = VARIANTS[name]
-        extra = ["--steps", str(args.steps), "--amp", args.amp, *flags]
+        batch = int(flags[flags.index("--batch-size") + 1]) if "--batch-size" in flags else 128
+        extra = ["--steps", str(args.images // batch), "--amp", args.amp, *flags]
         runs = [run_once(RECIPE, seed, "cpu", extra) for seed in args.seeds]
         accuracies = [r["test_acc"] for r in runs]
         results[name] = {
@@ -54,7 +58,7 @@ def main() -> None:
         print(f"{name:>20}: test accuracy {statistics.median(accuracies):.2%} ({what})", flush=True)
     record = {
         "recipe": RECIPE,
-        "steps": args.steps,
+        "images": args.images,
         "amp": args.amp,
         "seeds": args.seeds,
         "variants": results,
