@@ -15,6 +15,18 @@ from reslab.errors import ReslabError
 from tests.train.test_eval_predict import TINY
 
 
+def torchrun_train(*flags: str) -> subprocess.CompletedProcess:
+    """``reslab train FLAGS`` in two CPU processes under torchrun, one thread each; its output captured."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "reslab"]
+    return subprocess.run(
+        [*torchrun, "train", *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
+
+
 def test_torchrun_two_processes(tiny_fashion, tmp_path):
     run = tmp_path / "ddp"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "reslab"]
@@ -43,15 +55,7 @@ def test_torchrun_user_error_prints_one_line(tiny_fashion, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_fashion, data)
     (data / "train-images-idx3-ubyte.gz").write_bytes(b"")  # an empty download
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "reslab"]
-    flags = ["--data-dir", str(data), "--out-dir", str(tmp_path / "run")]
-    result = subprocess.run(
-        [*torchrun, "train", *TINY, *flags],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
-    )
+    result = torchrun_train(*TINY, "--data-dir", str(data), "--out-dir", str(tmp_path / "run"))
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert output.count("reslab: error:") == 1, output
@@ -164,15 +168,8 @@ def test_cli_prints_on_rank0_alone(monkeypatch, capsys):
 
 def test_a_budget_under_torchrun_fixes_one_step_count_on_both_ranks(tiny_fashion, tmp_path):
     run = tmp_path / "ddp-budget"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "reslab"]
     flags = ["--budget", "25s", "--batch-size", "16", "--data-dir", str(tiny_fashion), "--out-dir", str(run)]
-    result = subprocess.run(
-        [*torchrun, "train", *TINY, *flags],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
-    )
+    result = torchrun_train(*TINY, *flags)
     assert result.returncode == 0, result.stdout + result.stderr
     results = json.loads((run / "results.json").read_text())
     assert result.stdout.count("budget 25s: ") == 1 and f"budget 25s: {results['steps']} steps" in result.stdout

@@ -20,7 +20,6 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from itertools import islice
 
 import torch
 from torch import nn
@@ -204,7 +203,7 @@ def probe(
 
         def run(k: int) -> int:
             flip, translate = (cfg.tta_flip, cfg.tta_translate) if tta else (False, 0)
-            batches = islice(loader, k)
+            batches = itertools.islice(loader, k)
             kwargs = dict(device=rt.device, amp_dtype=rt.amp_dtype, tta_flip=flip, tta_translate=translate)
             result = evaluate(model, batches, num_classes=num_classes, **kwargs)
             return int(result.confusion.sum())
