@@ -194,7 +194,6 @@ def test_explain_all_without_shipped_weights_writes_nothing(monkeypatch, tmp_pat
     assert "no shipped trained weights for plain20" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
-@pytest.mark.skipif(reference.manifest() is None, reason="this checkout has no shipped weights yet")
 def test_the_package_ships_the_four_trained_twins():
     from reslab.explain.common import SHIPPED_TWINS
 

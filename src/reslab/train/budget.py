@@ -29,7 +29,7 @@ from reslab.errors import ReslabError
 # h, then m, then s, each at most once: "90s", "4m", "1.5h", "1h30m", "2m30s", or plain seconds ("90").
 _DURATION = re.compile(r"(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?(?:(?P<s>\d+(?:\.\d+)?)s?)?")
 SAFETY = 0.95  # the step count is fitted to 95% of the budget: a shared CPU's speed drifts by a few percent
-AUTO_SAVE_SECONDS = 60.0  # the trainer's automatic mid-epoch checkpoint interval (trainer.AUTO_SAVE_SECONDS)
+AUTO_SAVE_SECONDS = 60.0  # save_every_steps=0: the trainer checkpoints about this often, so a kill loses at most this
 
 
 def parse_budget(text: str | float | int) -> float:

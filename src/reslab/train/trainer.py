@@ -51,7 +51,6 @@ from reslab.train.signals import StopSignals, TrainingStopped
 from reslab.train.state import TrainState
 
 AMP_NAMES = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}
-AUTO_SAVE_SECONDS = 60.0  # save_every_steps=0: a kill loses at most about this much training
 
 
 def fit(cfg: TrainConfig, *, resume: str | Path | None = None) -> dict[str, Any]:
@@ -75,7 +74,8 @@ def fit(cfg: TrainConfig, *, resume: str | Path | None = None) -> dict[str, Any]
 
 def measure_costs(cfg: TrainConfig) -> tuple[budget.RunCosts, int]:
     """What a step, an epoch's end and the final test of a run of ``cfg`` cost on this machine, and the run's
-    steps per epoch, measured as ``--budget`` measures them; nothing is trained or written."""
+    steps per epoch, measured as ``--budget`` measures them; nothing is trained, and no checkpoint or log is
+    written."""
     rt = runtime.setup(cfg.device, cfg.amp, cfg.channels_last)
     try:
         return Trainer.measure(cfg, rt)
@@ -473,7 +473,7 @@ class Trainer:
         """save_every_steps=0: once 5 steps after this process's first look are timed, the number of steps in
         about a minute."""
         seconds_per_step = self._seconds_run / self._steps_run
-        steps = max(1, round(AUTO_SAVE_SECONDS / max(seconds_per_step, 1e-6)))
+        steps = max(1, round(budget.AUTO_SAVE_SECONDS / max(seconds_per_step, 1e-6)))
         if self.rt.distributed:  # the same interval on every rank: saving gathers RNG states from all of them
             steps = int(runtime.all_reduce_sum(torch.tensor(float(steps), device=self.rt.device)) / self.rt.world_size)
         steps = max(steps, 1)
