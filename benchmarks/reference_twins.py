@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -32,8 +33,11 @@ from reslab.train import load_checkpoint
 
 
 def commit() -> str:
-    """The checked-out commit, with "+changes" when the working tree differs from it."""
+    """The checked-out commit, with "+changes" when the working tree differs from it; $RESLAB_COMMIT where the
+    tree is a copy without git (the GPU machine's)."""
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    if not head:
+        return os.environ.get("RESLAB_COMMIT", "unknown")
     dirty = subprocess.run(["git", "status", "--porcelain", "src", "recipes"], capture_output=True, text=True).stdout
     return head + ("+changes" if dirty.strip() else "")
 
