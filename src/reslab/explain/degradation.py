@@ -144,7 +144,8 @@ def _plan_steps(configs: list, budget: str, started: float) -> tuple[int, str]:
     from reslab.train import measure_costs
     from reslab.train.budget import plan
 
-    measured = [measure_costs(cfg) for cfg in configs]
+    # Each probe times steps for as long as a run of the whole budget would (budget.probe_seconds).
+    measured = [measure_costs(dataclasses.replace(cfg, budget=budget)) for cfg in configs]
     # Each run ends with one more pass over the test set and at most as many training images (_final_errors).
     costs = [dataclasses.replace(c, final_seconds=2 * c.final_seconds) for c, _ in measured]
     steps_per_epoch = measured[0][1]

@@ -29,6 +29,10 @@ from reslab.errors import ReslabError
 # h, then m, then s, each at most once: "90s", "4m", "1.5h", "1h30m", "2m30s", or plain seconds ("90").
 _DURATION = re.compile(r"(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?(?:(?P<s>\d+(?:\.\d+)?)s?)?")
 SAFETY = 0.95  # the step count is fitted to 95% of the budget: a shared CPU's speed drifts by a few percent
+# How long the probe times steps: 0.5% of the budget, within these bounds. A shared 2-core CPU's step time varies
+# by +-15% from step to step and drifts over minutes: a probe of 1.5 s (4 steps of a 56-layer net) measured a
+# step 15% shorter than the run then took, and a 20-minute experiment ran 19% over its budget.
+PROBE_SECONDS = (1.5, 10.0)
 AUTO_SAVE_SECONDS = 60.0  # save_every_steps=0: the trainer checkpoints about this often, so a kill loses at most this
 
 
@@ -86,6 +90,12 @@ def steps_within(seconds: float, costs: Iterable[RunCosts], steps_per_epoch: int
     return low if low and needed(low) <= seconds else 0
 
 
+def probe_seconds(budget: str | None) -> float:
+    """Seconds the probe spends timing steps for ``budget`` (``PROBE_SECONDS``)."""
+    low, high = PROBE_SECONDS
+    return min(max(0.005 * parse_budget(budget), low), high) if budget else low
+
+
 def _timed(device: torch.device, work: Callable[[], object]) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -102,9 +112,9 @@ def time_steps(
     make_step: Callable[[nn.Module], Callable[[torch.Tensor, torch.Tensor], object]],
     *,
     device: torch.device,
-    warmup: int = 2,
+    warmup: int = 3,
     min_seconds: float = 1.5,
-    max_steps: int = 30,
+    max_steps: int = 200,
 ) -> float:
     """Mean seconds of a training step, batch preparation included, on a deep copy of ``model`` (the model itself
     is left as it was).
@@ -180,11 +190,14 @@ def probe(
     *,
     num_classes: int,
     eval_images: tuple[int, int],
+    budget: str | None = None,
 ) -> RunCosts:
     """The ``RunCosts`` of training ``model`` (``num_classes`` outputs) with ``cfg`` on ``loaders`` (train, val,
     test; val and test may be None) in runtime ``rt``. ``make_step(copy)`` is the trainer's own step on a copy of
     the model (with its own optimizer, schedule and checks); ``eval_images``: (validation, test) images of the
-    whole split (under DDP each rank evaluates its share, and the time per image is per image of the split)."""
+    whole split (under DDP each rank evaluates its share, and the time per image is per image of the split);
+    ``budget``: the budget planned from these costs (``cfg.budget`` when None), which sets how long steps are
+    timed (``probe_seconds``)."""
     from reslab.train.engine import evaluate
 
     train, val, test = loaders
@@ -195,7 +208,8 @@ def probe(
             yield from train
 
     # Under DDP every rank must take the same steps (each one is a collective): a fixed count, not a time.
-    step_seconds = time_steps(model, batches(), make_step, device=rt.device, min_seconds=0.0 if rt.distributed else 1.5)
+    timing = 0.0 if rt.distributed else probe_seconds(budget or cfg.budget)
+    step_seconds = time_steps(model, batches(), make_step, device=rt.device, min_seconds=timing)
 
     def per_image(loader, tta: bool) -> float:
         if loader is None:

@@ -130,7 +130,7 @@ class Trainer:
         model, optimizer = trainer._new_model()
         trainer._prepare_loop(optimizer)
         setup = time.perf_counter() - trainer.wall_start  # what the run itself will spend before its first step
-        costs = dataclasses.replace(trainer._measure_costs(model), setup_seconds=setup)
+        costs = dataclasses.replace(trainer._measure_costs(model, for_budget=cfg.budget), setup_seconds=setup)
         return costs, len(trainer.train_loader)
 
     # --- setup -------------------------------------------------------------------------------------------
@@ -271,8 +271,9 @@ class Trainer:
             steps, self.budget_note = budget.plan(self.cfg, spent, [costs], len(self.train_loader))
         return steps
 
-    def _measure_costs(self, model: nn.Module) -> budget.RunCosts:
-        """``budget.probe`` of this run, with its own step (``_probe_step``); under DDP the ranks' mean."""
+    def _measure_costs(self, model: nn.Module, for_budget: str | None = None) -> budget.RunCosts:
+        """``budget.probe`` of this run, with its own step (``_probe_step``), for ``for_budget`` (``cfg.budget``
+        when None); under DDP the ranks' mean."""
         cfg, rt = self.cfg, self.rt
         sizes = self._data_sizes()
         loaders = (self.train_loader, self.val_loader, self.test_loader)
@@ -284,6 +285,7 @@ class Trainer:
             rt,
             num_classes=self.info.num_classes,
             eval_images=(sizes["val"], sizes["test"]),
+            budget=for_budget,
         )
         if rt.distributed:  # every rank must take the same count: plan with the mean of their measurements
             mean = runtime.all_reduce_sum(torch.tensor(list(vars(costs).values()), device=rt.device)) / rt.world_size
