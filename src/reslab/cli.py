@@ -129,7 +129,12 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             )
         elif isinstance(default, list):
             p.add_argument(
-                flag, dest=f.name, nargs="+", type=int, default=None, help=f"{helps.get(f.name, '')} (default: none)"
+                flag,
+                dest=f.name,
+                nargs="+",
+                type=float if f.name in ("mean", "std") else int,
+                default=None,
+                help=f"{helps.get(f.name, '')} (default: none)",
             )
         elif isinstance(default, bool) or f.name == "channels_last":
             p.add_argument(
@@ -232,6 +237,21 @@ def cmd_train(args: argparse.Namespace) -> None:
         from reslab.analysis.report import write_report
 
         print(f"report: {write_report(run, device=cfg.device)}")
+
+
+def cmd_lr_find(args: argparse.Namespace) -> None:
+    from reslab.finetune.lr_find import lr_find
+    from reslab.train import TrainConfig, from_dict, load_recipe
+
+    recipe_cfg = from_dict(load_recipe(args.recipe) if args.recipe else {}, source=str(args.recipe or "defaults"))
+    cfg: TrainConfig = from_dict(_given_options(args), recipe_cfg, source="command line")
+    out = cfg.out_dir or f"runs/lr-find-{cfg.model}-{cfg.dataset}"
+    result = lr_find(cfg, out, start=args.start_lr, end=args.end_lr, steps=args.range_steps)
+    print(
+        f"suggested lr {result.suggestion:.2e}: {result.rule}; the smoothed loss was lowest at "
+        f"{result.minimum_lr:.2e} (minimum/10: {result.minimum_lr / 10:.2e}); {len(result.lrs)} steps; "
+        f"curve: {out}/lr_find.png, numbers: {out}/lr_find.json"
+    )
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -499,6 +519,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "lr-find",
+        help="learning-rate range test of a run's recipe: loss against lr, a suggested lr (Smith 2017)",
+        description="Train a fresh copy of the run's model while the lr grows exponentially; writes the curve "
+        "and a suggestion into --out-dir (a new folder; default runs/lr-find-MODEL-DATASET). Any train option "
+        "applies (--weights, --freeze, --finetune, --layer-decay, --batch-size, ...).",
+    )
+    p.add_argument("--recipe", help="YAML file of train options")
+    p.add_argument("--start-lr", type=float, default=1e-7, help="the first learning rate (default 1e-7)")
+    p.add_argument("--end-lr", type=float, default=10.0, help="the last learning rate (default 10)")
+    p.add_argument("--range-steps", type=int, default=100, help="steps from start to end (default 100)")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_lr_find)
 
     p = sub.add_parser("report", help="(re)write a run folder's report.html: curves, test results, gradient norms")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by reslab train (it holds best.pt)")

@@ -15,7 +15,7 @@ from torch import Tensor
 from reslab.analysis.plots import plot_confusion_matrix
 from reslab.data import DataBundle, DatasetInfo, FolderBatchLoader, TensorBatchLoader, load_dataset
 from reslab.data.datasets import recorded_data_dir
-from reslab.data.folder import TransformSubset, eval_transform, whole_image_folder
+from reslab.data.folder import TransformSubset, info_transform, whole_image_folder
 from reslab.errors import ReslabError
 from reslab.train.checkpoint import load_checkpoint, model_from_checkpoint
 from reslab.train.engine import EvalResult, autocast, evaluate
@@ -66,7 +66,7 @@ def _loader(ckpt: dict[str, Any], data: Any, in_memory: bool, device: torch.devi
     info = _info(ckpt)
     if in_memory:
         return TensorBatchLoader(data, info, batch_size=batch_size, train=False, device=device, channels_last=True)
-    data.transform = eval_transform(info.image_size[0], info.channels, info.mean, info.std)
+    data.transform = info_transform(info)
     workers = ckpt["config"].get("num_workers", 2)
     return FolderBatchLoader(
         data, batch_size=batch_size, train=False, device=device, channels_last=True, num_workers=workers
@@ -271,7 +271,7 @@ def predict_images(
     ckpt = load_checkpoint(path)
     info = _info(ckpt)
     dev = pick_device(device)
-    to_input = eval_transform(info.image_size[0], info.channels, info.mean, info.std)
+    to_input = info_transform(info)
     if info.image_size[0] != info.image_size[1]:
         raise ReslabError("predict supports models trained on square images")
     batch = []

@@ -43,11 +43,12 @@ def test_safetensors(tmp_path, reference):
     _same_logits(create_model("resnet18", num_classes=10, weights=path), reference)
 
 
-def test_shape_mismatch_names_the_classifier(tmp_path, reference):
+def test_a_classifier_of_another_size_is_reinitialized_and_said(tmp_path, reference, capsys):
     path = tmp_path / "w.pth"
     torch.save(reference.state_dict(), path)
-    with pytest.raises(ReslabError, match=r"pass num_classes.*fc\.weight: file \(10, 512\) vs model \(1000, 512\)"):
-        create_model("resnet18", weights=path)
+    model = create_model("resnet18", weights=path)  # 1000 classes here, 10 in the file
+    assert "fc.weight re-initialized: (10, 512) in the weights, (1000, 512) here" in capsys.readouterr().out
+    assert torch.equal(model.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
 
 
 def test_wrong_architecture_lists_keys(tmp_path, reference):

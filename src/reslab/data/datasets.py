@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from reslab.data.formats import read_cifar_batch, read_cifar_meta, read_idx_pair
-from reslab.data.types import DataBundle, DatasetInfo, TensorSplit, stratified_split
+from reslab.data.types import DataBundle, DatasetInfo, Preprocessing, TensorSplit, stratified_split
 from reslab.errors import ReslabError
 
 SYSTEM_DATA_DIRS = (Path("/usr/share/datasets"),)  # Debian: dataset-fashion-mnist installs here
@@ -269,6 +269,7 @@ def load_dataset(
     in_chans: int | None = None,
     on_bad_image: str = "skip",
     max_image_pixels: int = 89_478_485,
+    preprocessing: Preprocessing | None = None,
 ) -> DataBundle:
     """Load ``name`` and split its training set into train / validation (stratified, seeded).
 
@@ -283,6 +284,8 @@ def load_dataset(
         on_bad_image: ``imagefolder`` only: "skip" leaves unreadable images out (``bundle.bad_files``), "fail"
             stops with the first few.
         max_image_pixels: ``imagefolder`` only: larger images are bad (decompression bombs), refused unread.
+        preprocessing: pretrained weights' input statistics and sizes, in place of the dataset's own (in memory,
+            only mean and std apply: the images keep their size).
     """
     if name == "imagefolder":
         from reslab.data.folder import load_image_folder
@@ -291,10 +294,11 @@ def load_dataset(
             data_dir,
             val_ratio=val_ratio,
             seed=seed,
-            image_size=image_size or 224,
+            image_size=image_size or (preprocessing and preprocessing.image_size) or 224,
             in_chans=in_chans or 3,
             on_bad_image=on_bad_image,
             max_image_pixels=max_image_pixels,
+            preprocessing=preprocessing,
         )
     if name == "synthetic":
         classes, train, test = load_synthetic()
@@ -318,4 +322,6 @@ def load_dataset(
         mean=mean,
         std=std,
     )
+    if preprocessing is not None:
+        info = Preprocessing(mean=preprocessing.mean, std=preprocessing.std).applied_to(info)
     return DataBundle(info=info, train=train, val=val, test=test)

@@ -21,7 +21,7 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
 from reslab.data.augment import ERASE_AREA
-from reslab.data.types import DataBundle, DatasetInfo, stratified_split
+from reslab.data.types import DataBundle, DatasetInfo, Preprocessing, stratified_split
 from reslab.data.verify import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, check_images, read_image
 from reslab.errors import ReslabError
 
@@ -97,25 +97,50 @@ def _image_folder(path: Path, max_pixels: int) -> ImageFolder:
         raise ReslabError(f"{path}: not an image folder ({err}); expected class folders of JPEG/PNG images") from None
 
 
-def eval_transform(image_size: int, in_chans: int, mean, std) -> transforms.Compose:
+def _resized(image_size: int, resize: int, interpolation: str) -> list:
+    """Resize the whole image to ``image_size``; or (``resize`` > 0) its shorter side to ``resize``, then crop."""
+    mode = transforms.InterpolationMode(interpolation)
+    if not resize:
+        return [transforms.Resize((image_size, image_size), interpolation=mode)]
+    return [transforms.Resize(resize, interpolation=mode), transforms.CenterCrop(image_size)]
+
+
+def eval_transform(
+    image_size: int, in_chans: int, mean, std, *, resize: int = 0, interpolation: str = "bilinear"
+) -> transforms.Compose:
     """PIL image of any mode and size -> (in_chans, image_size, image_size) normalized float tensor."""
-    return transforms.Compose(
-        [
-            ConvertMode(in_chans),
-            transforms.Resize((image_size, image_size)),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ]
+    steps = [ConvertMode(in_chans), *_resized(image_size, resize, interpolation)]
+    return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+def info_transform(info) -> transforms.Compose:
+    """The evaluation transform a checkpoint's ``DatasetInfo`` records (what eval, predict and export apply)."""
+    return eval_transform(
+        info.image_size[0], info.channels, info.mean, info.std, resize=info.resize, interpolation=info.interpolation
     )
 
 
-def train_transform(image_size: int, in_chans: int, mean, std, *, crop_padding: int, flip: bool, erase: float = 0.0):
+def train_transform(
+    image_size: int,
+    in_chans: int,
+    mean,
+    std,
+    *,
+    crop_padding: int,
+    flip: bool,
+    erase: float = 0.0,
+    resize: int = 0,
+    interpolation: str = "bilinear",
+):
     """The training augmentation: random crop with padding and horizontal flip, then normalize, then random
-    erasing with probability ``erase`` (torchvision's RandomErasing, filling with random values)."""
-    steps = [
-        ConvertMode(in_chans),
-        transforms.Resize((image_size, image_size)),
-    ]
+    erasing with probability ``erase`` (torchvision's RandomErasing, filling with random values). With
+    ``resize``, the shorter side is resized first and the crop is a random ``image_size`` square of it."""
+    steps = [ConvertMode(in_chans)]
+    if resize:
+        mode = transforms.InterpolationMode(interpolation)
+        steps += [transforms.Resize(resize, interpolation=mode), transforms.RandomCrop(image_size)]
+    else:
+        steps += _resized(image_size, 0, interpolation)
     if crop_padding:
         steps.append(transforms.RandomCrop(image_size, padding=crop_padding))
     if flip:
@@ -199,8 +224,11 @@ def load_image_folder(
     in_chans: int,
     on_bad_image: str = "skip",
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    preprocessing: Preprocessing | None = None,
 ) -> DataBundle:
     """Build train / val / test splits of an image folder (see the module docstring for layouts).
+
+    ``preprocessing`` (pretrained weights'): their mean, std, size and resize replace the folder's own.
 
     Every image of every split folder is checked first (``verify.check_images``: in parallel, cached), so no
     bad file is met halfway through training. With ``on_bad_image="skip"`` bad files are left out before
@@ -233,7 +261,11 @@ def load_image_folder(
     train, val, test = _splits(folders, val_ratio, seed)
     train_folder = train[0]
     train_idx = train[1] if train[1] is not None else list(range(len(train_folder)))
-    mean, std = _estimate_stats(train_folder, train_idx, image_size, in_chans, seed)
+    preprocessing = preprocessing or Preprocessing()
+    if preprocessing.mean is None or preprocessing.std is None:
+        mean, std = _estimate_stats(train_folder, train_idx, image_size, in_chans, seed)
+    else:
+        mean, std = preprocessing.mean, preprocessing.std
     info = DatasetInfo(
         name="imagefolder",
         classes=list(train_folder.classes),
@@ -242,7 +274,8 @@ def load_image_folder(
         mean=mean,
         std=std,
     )
-    evaluate = eval_transform(image_size, in_chans, mean, std)
+    info = preprocessing.applied_to(info)
+    evaluate = info_transform(info)
 
     def as_dataset(split):
         return None if split is None else TransformSubset(split[0], split[1], evaluate)

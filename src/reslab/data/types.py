@@ -38,6 +38,10 @@ class DatasetInfo:
     image_size: tuple[int, int]  # (H, W) the model is trained on
     mean: tuple[float, ...] = field(default=())  # per channel, of the training split, on the 0..1 scale
     std: tuple[float, ...] = field(default=())
+    # Image files: resize the shorter side to this, then crop the centre to image_size (torchvision's weights are
+    # evaluated so: 256 or 232 -> 224); 0 resizes the whole image to image_size.
+    resize: int = 0
+    interpolation: str = "bilinear"  # of that resize: bilinear | bicubic | nearest
 
     @property
     def num_classes(self) -> int:
@@ -89,3 +93,40 @@ def subset_of_train(bundle: DataBundle, count: int, seed: int):
         return train.subset(chosen)
     indices = [train.indices[i] if train.indices is not None else i for i in chosen.tolist()]
     return type(train)(train.folder, indices, train.transform)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How pretrained weights expect their input, to replace what a dataset would choose for itself: mean and std
+    (0..1 scale), image size, the resize before the centre crop, its interpolation. ``None``: the dataset's own."""
+
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    image_size: int | None = None
+    resize: int | None = None
+    interpolation: str | None = None
+
+    def applied_to(self, info: DatasetInfo) -> DatasetInfo:
+        """``info`` with every field this sets replaced (the channel count decides how a mean is spread)."""
+        import dataclasses
+
+        changes = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        for key in ("mean", "std"):
+            if key in changes:
+                changes[key] = _per_channel(changes[key], info.channels, key)
+        if "image_size" in changes:
+            changes["image_size"] = (changes["image_size"], changes["image_size"])
+        return dataclasses.replace(info, **changes)
+
+
+def _per_channel(values: tuple[float, ...], channels: int, name: str) -> tuple[float, ...]:
+    """Statistics of other channels than the images': RGB's for a grayscale input become their average (the stem
+    is adapted by a sum); other counts cycle over the channels, as the stem's filters do."""
+    values = tuple(float(v) for v in values)
+    if not values:
+        raise ReslabError(f"{name} needs a value per channel")
+    if len(values) == channels:
+        return values
+    if channels == 1:
+        return (sum(values) / len(values),)
+    return tuple(values[i % len(values)] for i in range(channels))

@@ -219,5 +219,9 @@ def model_metadata(ckpt: Mapping[str, object]) -> dict[str, str]:
         "reslab.mean": json.dumps(list(info["mean"])),
         "reslab.std": json.dumps(list(info["std"])),
         "reslab.normalization": "x = (pixel / 255 - mean) / std, per channel; input (batch, C, H, W) float32",
+        # Image files: the shorter side resized to `resize` then centre-cropped (0: the whole image resized).
+        "reslab.resize": json.dumps(
+            {"resize": info.get("resize", 0), "interpolation": info.get("interpolation", "bilinear")}
+        ),
         "reslab.precision": "fp32",
     }

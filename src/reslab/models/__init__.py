@@ -8,9 +8,10 @@ from reslab.models.blocks import (
     PreActBottleneck,
     ZeroPadShortcut,
 )
+from reslab.models.pretrained import load_pretrained, read_pretrained
 from reslab.models.registry import ModelSpec, create_model, get_spec, list_models
 from reslab.models.resnet import ResNet
-from reslab.models.weights import load_weights, read_state_dict
+from reslab.models.weights import read_state_dict
 
 __all__ = [
     "BasicBlock",
@@ -24,6 +25,7 @@ __all__ = [
     "create_model",
     "get_spec",
     "list_models",
-    "load_weights",
+    "load_pretrained",
+    "read_pretrained",
     "read_state_dict",
 ]

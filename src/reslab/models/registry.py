@@ -177,12 +177,18 @@ def get_spec(name: str) -> ModelSpec:
 _RESNET_ARGS = set(inspect.signature(ResNet.__init__).parameters) - {"self"}
 
 
-def create_model(name: str, *, weights: str | Path | None = None, **overrides: Any) -> ResNet:
+def create_model(
+    name: str, *, weights: str | Path | None = None, force_weights: bool = False, **overrides: Any
+) -> ResNet:
     """Build a registered model, e.g. ``create_model("resnet20", num_classes=100, in_chans=1)``.
 
     Args:
         name: a name from ``list_models()``.
-        weights: optional local ``.pth`` / ``.pt`` / ``.safetensors`` file with a state dict to load.
+        weights: start from these weights: a ``.pth`` / ``.safetensors`` state dict, a reslab checkpoint, or
+            ``"imagenet"`` (torchvision's, from the torch hub cache). A classifier of another size than
+            ``num_classes`` is re-initialized and a stem of another ``in_chans`` adapted (both printed); every
+            other tensor must fit (``reslab.models.pretrained``).
+        force_weights: load weights of another network whose tensors fit (v1.5 weights into a v1 model).
         **overrides: any ``ResNet`` argument (``num_classes``, ``in_chans``, ``version``, ``shortcut``,
             ``zero_init_residual``, ``drop_path_rate``, ...), replacing the registry's value.
 
@@ -203,7 +209,7 @@ def create_model(name: str, *, weights: str | Path | None = None, **overrides: A
         raise ReslabError(f"{name}: {err}") from None  # e.g. layers="abc" or drop_path_rate="x" from a command line
     model.name = name
     if weights is not None:
-        from reslab.models.weights import load_weights
+        from reslab.models.pretrained import load_pretrained, read_pretrained
 
-        load_weights(model, weights)
+        load_pretrained(model, read_pretrained(weights, name), force=force_weights)
     return model

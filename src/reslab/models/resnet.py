@@ -143,6 +143,7 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(in_channels, num_classes)
 
         self._init_weights(zero_init_residual)
+        self.frozen: tuple[str, ...] = ()  # parts kept fixed (``freeze``): no gradient, BatchNorm in eval mode
 
     def _make_shortcut(self, in_channels: int, out_channels: int, stride: int, option: str) -> nn.Module:
         if option == "A":
@@ -167,6 +168,40 @@ class ResNet(nn.Module):
     def stages(self) -> list[nn.Sequential]:
         """The residual stages, ``layer1`` .. ``layerN``, in order."""
         return [getattr(self, name) for name in self.stage_names]
+
+    # --- parts, for fine-tuning: freezing and per-part learning rates --------------------------------------
+    @property
+    def part_names(self) -> list[str]:
+        """The model's parts from input to output: ``stem``, ``layer1`` .. ``layerN``, ``head`` (v2's last BN, fc)."""
+        return ["stem", *self.stage_names, "head"]
+
+    def part(self, name: str) -> list[nn.Module]:
+        """The modules of the part ``name`` (one of ``part_names``)."""
+        if name == "stem":
+            return [self.conv1, self.bn1]
+        if name == "head":
+            return [m for m in (self.final_bn, self.fc) if m is not None]
+        return [getattr(self, name)]
+
+    def freeze(self, names: Sequence[str]) -> None:
+        """Keep the parts ``names`` fixed and train the others: frozen parameters get no gradient (so no weight
+        decay and no optimizer state), and their BatchNorm layers stay in inference mode whatever ``train()``
+        says, so their running statistics never move (Keras' ``trainable=False``). ``freeze([])`` unfreezes."""
+        unknown = [n for n in names if n not in self.part_names]
+        if unknown:
+            raise ValueError(f"no part {unknown[0]!r}: the parts are {', '.join(self.part_names)}")
+        self.frozen = tuple(n for n in self.part_names if n in names)
+        for name in self.part_names:
+            for module in self.part(name):
+                module.requires_grad_(name not in self.frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> ResNet:
+        super().train(mode)
+        for name in getattr(self, "frozen", ()):  # () in a ResNet pickled before parts could freeze
+            for module in self.part(name):
+                module.eval()
+        return self
 
     def forward_stem(self, x: Tensor) -> Tensor:
         """(B, in_chans, H, W) -> (B, stem_width, H/4, W/4) (ImageNet stem) or (B, stem_width, H, W) (CIFAR)."""

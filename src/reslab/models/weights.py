@@ -1,4 +1,5 @@
-"""Load local weights into a model: torchvision / timm ``.pth`` state dicts, reslab checkpoints, safetensors.
+"""Read weight files: torchvision / timm ``.pth`` state dicts, reslab checkpoints, safetensors (``pretrained.py``
+loads them into a model).
 
 Nothing is downloaded. ``.pth`` files are read with ``torch.load(weights_only=True)``, which refuses pickled
 code, so a file from the internet cannot run anything on load.
@@ -12,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from reslab.errors import ReslabError
 
@@ -69,31 +70,3 @@ def _unwrap(obj: object, path: Path) -> dict[str, Tensor]:
 
 def _all_tensors(obj: Mapping) -> bool:
     return len(obj) > 0 and all(isinstance(v, Tensor) for v in obj.values())
-
-
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load ``path`` into ``model`` strictly; a ReslabError says which keys or shapes do not fit."""
-    state = read_state_dict(path)
-    own = model.state_dict()
-    mismatched = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and own[k].shape != v.shape
-    ]
-    if mismatched:
-        hint = ""
-        if any(k.startswith("fc.") for k in (m.split(":")[0] for m in mismatched)):
-            hint = " (the classifier differs: pass num_classes to match the file)"
-        raise ReslabError(
-            f"{path} does not fit the model: {len(mismatched)} shape mismatch(es){hint}; first: {mismatched[0]}"
-        )
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (first: {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
-        raise ReslabError(f"{path} does not fit the model: keys {'; '.join(parts)}")
-    model.load_state_dict(state)

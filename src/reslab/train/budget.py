@@ -234,15 +234,15 @@ def probe(
     return RunCosts(step_seconds, epoch_seconds, final_seconds, save_seconds, save_every_steps=cfg.save_every_steps)
 
 
-def plan(cfg, spent: float, costs: list[RunCosts], steps_per_epoch: int) -> tuple[int, str]:
+def plan(cfg, spent: float, costs: list[RunCosts], steps_per_epoch: int, *, safety: float = SAFETY) -> tuple[int, str]:
     """The step count that fits ``cfg.budget`` for runs of these ``costs`` (one run, or several that share the
-    budget), ``spent`` seconds of it already gone; and the line that says how it was chosen. A budget that does
-    not fit one step is a ReslabError saying how much would."""
+    budget), ``spent`` seconds of it already gone, planned to ``safety`` of what is left; and the line that says
+    how it was chosen. A budget that does not fit one step is a ReslabError saying how much would."""
     seconds = parse_budget(cfg.budget)
-    steps = steps_within((seconds - spent) * SAFETY, costs, steps_per_epoch)
+    steps = steps_within((seconds - spent) * safety, costs, steps_per_epoch)
     one = sum(c.total(1, steps_per_epoch) for c in costs)
     if steps < 1:
-        least = math.ceil(spent + one / SAFETY)
+        least = math.ceil(spent + one / safety)
         raise ReslabError(
             f"a budget of {cfg.budget} is too small: setting up and timing took {spent:.1f} s, and one step "
             f"with its validation and test needs {one:.1f} s more; give at least --budget {least}s"

@@ -34,6 +34,16 @@ class TrainConfig:
     on_bad_image: str = "skip"  # imagefolder: skip (listed in bad_images.txt) or fail on unreadable files
     max_image_pixels: int = 89_478_485  # imagefolder: larger images are refused as decompression bombs (PIL's limit)
 
+    # --- fine-tuning -------------------------------------------------------------------------------------
+    weights: str = ""  # start from these: a .pth / .safetensors file, a reslab best.pt, or imagenet (torchvision's)
+    force_weights: bool = False  # load weights of another network whose tensors fit (v1.5 weights into a v1 model)
+    freeze: str = ""  # parts kept fixed, comma-separated (stem,layer1,...); their BatchNorm stays in inference mode
+    freeze_until: str = ""  # or: freeze the stem and every stage up to and including this one
+    finetune: int = 0  # epochs training only the head (all else frozen), then everything with layer_decay (fastai)
+    layer_decay: float = 0.0  # each part learns at this times the next part's lr, the head at lr; 0 = off (timm)
+    mean: list[float] = field(default_factory=list)  # input mean in place of the weights' or the data's (0..1)
+    std: list[float] = field(default_factory=list)  # input std in place of the weights' or the data's
+
     # --- optimization ------------------------------------------------------------------------------------
     epochs: int = 30  # passes over the training split (fewer when early stopping ends the run)
     steps: int = 0  # optimizer steps in all, in place of epochs (the last epoch may be partial); 0 = epochs' worth
@@ -250,7 +260,27 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ReslabError(f"tta_translate is a shift of 0 to {MAX_TTA_TRANSLATE} pixels, not {cfg.tta_translate}")
     if cfg.image_size is not None and cfg.image_size < 8:
         raise ReslabError(f"image_size must be at least 8 pixels, not {cfg.image_size}")
+    _validate_finetuning(cfg)
     return cfg
+
+
+def _validate_finetuning(cfg: TrainConfig) -> None:
+    if not 0 <= cfg.layer_decay <= 1:
+        raise ReslabError(f"layer_decay must be in (0, 1] (or 0 for off), not {cfg.layer_decay}")
+    if cfg.finetune < 0:
+        raise ReslabError(f"finetune cannot be negative, not {cfg.finetune}")
+    if cfg.finetune and not cfg.weights:
+        raise ReslabError("finetune trains a pretrained body's new head first: give --weights too")
+    if cfg.finetune and not cfg.steps and not cfg.budget and cfg.finetune >= cfg.epochs:
+        raise ReslabError(f"finetune {cfg.finetune} leaves no epoch to train the whole net in a run of {cfg.epochs}")
+    if cfg.freeze and cfg.freeze_until:
+        raise ReslabError("give freeze or freeze_until, not both")
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in [*cfg.mean, *cfg.std]):
+        raise ReslabError(f"mean and std are numbers per channel, not {cfg.mean} and {cfg.std}")
+    if len(cfg.mean) != len(cfg.std):
+        raise ReslabError(f"mean and std go together, one value per channel: {cfg.mean} and {cfg.std}")
+    if any(not (math.isfinite(s) and s > 0) for s in cfg.std):
+        raise ReslabError(f"std must be positive, not {cfg.std}")
 
 
 def from_dict(values: dict[str, Any], base: TrainConfig | None = None, source: str = "config") -> TrainConfig:

@@ -38,6 +38,8 @@ def build_loaders(bundle: DataBundle, cfg: TrainConfig, rt: runtime.Runtime):
             crop_padding=cfg.crop_padding,
             flip=cfg.flip,
             erase=cfg.random_erasing,
+            resize=info.resize,
+            interpolation=info.interpolation,
         )
         train = FolderBatchLoader(
             bundle.train, batch_size=cfg.batch_size, train=True, num_workers=cfg.num_workers, **common

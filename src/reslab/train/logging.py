@@ -151,13 +151,22 @@ class GradNormTracker:
         self.names, self.params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad], strict=True)
         self.total: Tensor | None = None
         self.steps = 0
+        self._where: dict[tuple[int, ...], Tensor] = {}  # indices of the parameters that have gradients
 
     def norms(self) -> Tensor | None:
-        """Every parameter's gradient L2 norm now, (num_params,); None before the first backward pass."""
+        """Every parameter's gradient L2 norm now, (num_params,), 0 for a parameter without a gradient (frozen
+        while fine-tuning the head); None before the first backward pass."""
         grads = [p.grad for p in self.params]
-        if any(g is None for g in grads):
+        present = [i for i, g in enumerate(grads) if g is not None]
+        if not present:
             return None
-        return torch.stack(torch._foreach_norm(grads)).float()
+        norms = torch.stack(torch._foreach_norm([grads[i] for i in present])).float()
+        if len(present) == len(grads):
+            return norms
+        key = tuple(present)
+        if key not in self._where:  # once per frozen set: a host-to-device copy at every step would wait
+            self._where[key] = torch.tensor(present, device=norms.device)
+        return torch.zeros(len(grads), device=norms.device).index_copy(0, self._where[key], norms)
 
     def add(self, norms: Tensor) -> None:
         """One step's norms, counted only where all are finite (fp16's loss scaler skips the other steps). On

@@ -15,14 +15,38 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from reslab.train.config import TrainConfig
 
+# --finetune without --layer-decay: each part's lr half the next one's, so the stem of a 4-stage ResNet learns at
+# 1/32 of the head's lr (fastai's fine_tune spreads lr/100 .. lr over its groups; timm's layer decay is 0.65-0.75
+# over 12 or more blocks).
+FINETUNE_LAYER_DECAY = 0.5
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on conv and linear weights only: decaying BN scales and biases only hurts (Goyal et al.)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+def param_groups(model: nn.Module, weight_decay: float, lr: float, layer_decay: float = 0.0) -> list[dict]:
+    """The trainable parameters in groups: weight decay on conv and linear weights only (decaying BN scales and
+    biases only hurts, Goyal et al.); with ``layer_decay`` D, each of the model's parts (``part_names``) learns
+    at D times the lr of the part after it, the head at ``lr`` (timm's layer-wise lr decay, by stage)."""
+    parts = getattr(model, "part_names", None) if layer_decay else None
+    if not parts:
+        sets = [(lr, list(model.parameters()))]
+    else:
+        sets = [
+            (lr * layer_decay ** (len(parts) - 1 - i), [p for m in model.part(name) for p in m.parameters()])
+            for i, name in enumerate(parts)
+        ]
+    groups = []
+    for part_lr, params in sets:
+        params = [p for p in params if p.requires_grad]  # frozen parts: no state, no decay
+        decay, no_decay = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
+        groups += [
+            {"params": decay, "weight_decay": weight_decay, "lr": part_lr},
+            {"params": no_decay, "weight_decay": 0.0, "lr": part_lr},
+        ]
+    return [g for g in groups if g["params"]]
+
+
+def layer_decay(cfg: TrainConfig) -> float:
+    """The per-part lr decay this run uses: ``cfg.layer_decay``, or FINETUNE_LAYER_DECAY with ``--finetune``."""
+    return cfg.layer_decay or (FINETUNE_LAYER_DECAY if cfg.finetune else 0.0)
 
 
 def scaled_lr(cfg: TrainConfig, world_size: int = 1) -> float:
@@ -47,12 +71,16 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device, wo
         kind = partial(torch.optim.SGD, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     else:
         kind = partial(torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW, betas=(cfg.momentum, 0.999))
+
+    def groups() -> list[dict]:  # fresh groups each try: a failed constructor may have filled in the first ones
+        return param_groups(model, cfg.weight_decay, lr, layer_decay(cfg))
+
     if device.type in ("cpu", "cuda"):
-        try:  # fresh groups each try: a failed constructor may have filled in the first ones
-            return kind(param_groups(model, cfg.weight_decay), lr=lr, fused=True)
+        try:
+            return kind(groups(), lr=lr, fused=True)
         except (RuntimeError, TypeError):  # an older torch without this fused kernel: the host checks each step
             pass
-    return kind(param_groups(model, cfg.weight_decay), lr=lr)
+    return kind(groups(), lr=lr)
 
 
 def lr_factor(step: int, *, total_steps: int, warmup_steps: int, steps_per_epoch: int, cfg: TrainConfig) -> float:

@@ -37,7 +37,8 @@ from reslab.data import DataBundle, load_dataset
 from reslab.data.types import subset_of_train
 from reslab.errors import ReslabError
 from reslab.models import create_model
-from reslab.train import budget, runtime
+from reslab.models.pretrained import Pretrained, load_pretrained, read_pretrained
+from reslab.train import budget, finetuning, runtime
 from reslab.train.checkpoint import FORMAT, atomic_save, clean_stale_temp_files, previous_path, resolve_resume
 from reslab.train.config import TrainConfig, check_resumable
 from reslab.train.divergence import diagnose, nonfinite_entries
@@ -94,17 +95,20 @@ class Trainer:
         self._begin(cfg, rt)
         self.signals = signals
         # Under DDP, an error on any rank in these blocks ends every rank with that one error (runtime.py).
+        if resume is None:  # a user's error in the weights before anything of an older run is deleted
+            self._read_weights()
         with runtime.shared_errors(rt):
             self.resumed_from, ckpt = self._checkpoint_to_resume(resume)
-        self._load()
+        self._load(ckpt)
         cfg = self.cfg
         with runtime.shared_errors(rt):
             self._check_same_data(ckpt)
-            model, optimizer = self._new_model()
+            model, optimizer = self._new_model(load_weights=ckpt is None)
             self._prepare_loop(optimizer)
         if self.cfg.budget and not self.cfg.steps:  # the probe runs collectives under DDP: outside those blocks
             self.cfg = cfg = dataclasses.replace(self.cfg, steps=self._steps_for_budget(model))
         with runtime.shared_errors(rt):
+            finetuning.check_finetune_fits(cfg, len(self.train_loader), total_steps(cfg, len(self.train_loader)))
             self.state = self._state_of(model, optimizer)
             if ckpt is not None:
                 self.state.load_state_dict(ckpt, rank=rt.rank)
@@ -142,12 +146,25 @@ class Trainer:
         )
         self.rt, self.run_dir = rt, self.cfg.run_dir()
         self.budget_note: str | None = None  # what a budget fixed, said once the logger is there
+        self.pretrained: Pretrained | None = None  # cfg.weights, once read (_read_weights)
+        finetuning.check_parts(self.cfg)  # --freeze names, before anything is read or written
 
-    def _load(self) -> None:
-        """Seed, read the data, and set up what every step uses: the loss and the divergence window."""
+    def _read_weights(self) -> None:
+        """``cfg.weights``, read once (on every rank: an error on one ends all) into ``self.pretrained``."""
+        if self.cfg.weights and self.pretrained is None:
+            cfg = self.cfg
+            self.pretrained = runtime.on_every_rank(
+                lambda: read_pretrained(cfg.weights, cfg.model, download=cfg.download), self.rt
+            )
+
+    def _load(self, ckpt: dict | None = None) -> None:
+        """Seed, read the data, and set up what every step uses: the loss and the divergence window. A resumed
+        run (``ckpt``) takes its input preprocessing from its checkpoint, and never reads its weights again."""
         cfg, rt = self.cfg, self.rt
         runtime.seed_everything(cfg.seed + rt.rank)
-        self.bundle = self._load_data()
+        if ckpt is None:  # pretrained weights come with the input they expect: read before the data, which takes it
+            self._read_weights()
+        self.bundle = self._load_data(ckpt)
         self.info = self.bundle.info
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.max_loss = cfg.max_loss or 100 * math.log(max(self.info.num_classes, 2))
@@ -191,8 +208,14 @@ class Trainer:
             last.replace(self.run_dir / "last.damaged.pt")
             print(f"moved the damaged {last} to {self.run_dir / 'last.damaged.pt'}")
 
-    def _load_data(self) -> DataBundle:
+    def _load_data(self, ckpt: dict | None = None) -> DataBundle:
         cfg = self.cfg
+        if ckpt is not None and (cfg.weights or cfg.mean):
+            preprocessing = finetuning.recorded_preprocessing(ckpt["dataset"])
+        else:
+            preprocessing, lines = finetuning.preprocessing(cfg, self.pretrained)
+            for line in lines:
+                _announcer(self.rt)(line)
 
         def load() -> DataBundle:
             bundle = load_dataset(
@@ -205,6 +228,7 @@ class Trainer:
                 in_chans=cfg.in_chans,
                 on_bad_image=cfg.on_bad_image,
                 max_image_pixels=cfg.max_image_pixels,
+                preprocessing=preprocessing,
             )
             if cfg.train_subset:
                 bundle.train = subset_of_train(bundle, cfg.train_subset, cfg.seed)
@@ -233,12 +257,33 @@ class Trainer:
                 f"{self._data_sizes()}); restore the files to continue, or start a new run (--overwrite)"
             )
 
-    def _new_model(self) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def _new_model(self, *, load_weights: bool = True) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """The model (from ``cfg.weights`` unless ``load_weights`` is False: a resumed run's come from its
+        checkpoint), its ``--freeze`` parts frozen, and an optimizer over the parts that may train."""
         cfg, rt, info = self.cfg, self.rt, self.info
         model_args = {"num_classes": info.num_classes, "in_chans": info.channels, **cfg.model_args}
         model = create_model(cfg.model, **model_args)
+        if self.pretrained is not None and load_weights:
+            load_pretrained(model, self.pretrained, force=cfg.force_weights, say=_announcer(rt))
+        frozen = finetuning.permanently_frozen(cfg, list(getattr(model, "part_names", [])))
+        if frozen:
+            model.freeze(frozen)
+            _announcer(rt)(f"frozen for the whole run: {', '.join(frozen)} (BatchNorm statistics too)")
         model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
         return model, build_optimizer(model, cfg, rt.device, rt.world_size)
+
+    def _freeze_for_epoch(self) -> None:
+        """``--finetune N``: the body frozen for the first N epochs, then unfrozen (DDP wraps the model again,
+        since it registers the parameters that train when it is built)."""
+        model, epoch = self.state.model, self.state.epoch
+        frozen = finetuning.frozen_in_epoch(self.cfg, model, epoch)
+        if tuple(frozen) == getattr(model, "frozen", ()):
+            return
+        model.freeze(frozen)
+        trains = [p for p in model.part_names if p not in frozen]
+        self.logger.print(f"epoch {epoch + 1}: training {', '.join(trains)}; frozen: {', '.join(frozen) or 'none'}")
+        if self.rt.distributed or self.cfg.compile:
+            self.model = self._wrap(model)
 
     def _prepare_loop(self, optimizer: torch.optim.Optimizer) -> None:
         """The loaders, and whether the host checks each step itself: it looks before the optimizer applies a
@@ -336,7 +381,7 @@ class Trainer:
             f"{'channels-last' if rt.channels_last else 'channels-first'}{', compiled' if cfg.compile else ''}"
         )
         if cfg.lr_reference_batch:
-            global_batch, used = cfg.batch_size * rt.world_size, self.state.scheduler.base_lrs[0]
+            global_batch, used = cfg.batch_size * rt.world_size, self.state.scheduler.base_lrs[-1]
             kept = "" if used == scaled_lr(cfg, rt.world_size) else "; the resumed run keeps its checkpoint's lr"
             self.logger.print(
                 f"lr {used:.4g}: {cfg.lr:g} at batch {cfg.lr_reference_batch}, "
@@ -373,6 +418,8 @@ class Trainer:
             raise
 
     def _train_epoch(self) -> None:
+        if self.cfg.finetune:
+            self._freeze_for_epoch()
         st, steps = self.state, self._steps_in_epoch(self.state.epoch)
         self.train_loader.set_epoch(st.epoch, st.step)
         self.logger.start_epoch(st.epoch, self.epochs, steps, done=st.step)
@@ -454,7 +501,7 @@ class Trainer:
             self._recent_losses.append(record.loss)
             step = first + record.step + 1  # global steps done after this one: the same whether resumed or not
             if step % self.cfg.log_every_steps == 0:
-                lr = st.scheduler.base_lrs[0] * st.scheduler.lr_lambdas[0](step)  # the lr after that step
+                lr = st.scheduler.base_lrs[-1] * st.scheduler.lr_lambdas[-1](step)  # after that step (the head's: last)
                 self.logger.log_step(step, sum(self._recent_losses) / len(self._recent_losses), lr)
                 self._recent_losses.clear()
         self.logger.step(self._images, records[-1].loss, steps=len(records))
@@ -509,7 +556,7 @@ class Trainer:
             "train_acc": train.accuracy,
             "val_loss": val.loss if val else None,
             "val_acc": val.accuracy if val else None,
-            "lr": st.optimizer.param_groups[0]["lr"],
+            "lr": st.optimizer.param_groups[-1]["lr"],  # the head's (layer decay)
             "train_images": train.images,
             "seconds": round(st.epoch_seconds, 3),
             "images_per_second": round(train.images / max(st.epoch_seconds, 1e-9), 1),
