@@ -174,3 +174,18 @@ def test_a_budget_under_torchrun_fixes_one_step_count_on_both_ranks(tiny_fashion
     results = json.loads((run / "results.json").read_text())
     assert result.stdout.count("budget 25s: ") == 1 and f"budget 25s: {results['steps']} steps" in result.stdout
     assert results["train_images"] == results["steps"] * 16 * 2  # both ranks took every step
+
+
+def test_finetune_under_torchrun_trains_the_head_then_everything_on_both_ranks(tiny_fashion, tmp_path):
+    # DDP registers the parameters that train when it is built: the trainer builds it again at each phase.
+    source = tmp_path / "source"
+    from reslab.cli import main
+
+    assert main(["train", *TINY, "--epochs", "1", "--data-dir", str(tiny_fashion), "--out-dir", str(source)]) == 0
+    run = tmp_path / "ddp-finetune"
+    flags = ["--epochs", "2", "--finetune", "1", "--weights", str(source / "best.pt"), "--batch-size", "16"]
+    result = torchrun_train(*TINY, *flags, "--data-dir", str(tiny_fashion), "--out-dir", str(run))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("epoch 2: training stem, layer1, layer2, layer3, head; frozen: none") == 1
+    norms = [json.loads(line)["norms"] for line in (run / "grad_norms.jsonl").read_text().splitlines()]
+    assert norms[0]["conv1.weight"] == 0 < norms[0]["fc.weight"] and norms[1]["conv1.weight"] > 0
