@@ -487,6 +487,22 @@ def cmd_explain_all(args: argparse.Namespace) -> None:
     print(f"wrote {out_root / 'index.html'} and {out_root / 'all.json'}")
 
 
+def _add_lr_find_parser(sub) -> None:
+    p = sub.add_parser(
+        "lr-find",
+        help="learning-rate range test of a run's recipe: loss against lr, a suggested lr (Smith 2017)",
+        description="Train a fresh copy of the run's model while the lr grows exponentially; writes the curve "
+        "and a suggestion into --out-dir (a new folder; default runs/lr-find-MODEL-DATASET). Any train option "
+        "applies (--weights, --freeze, --finetune, --layer-decay, --batch-size, ...).",
+    )
+    p.add_argument("--recipe", help="YAML file of train options")
+    p.add_argument("--start-lr", type=float, default=1e-7, help="the first learning rate (default 1e-7)")
+    p.add_argument("--end-lr", type=float, default=10.0, help="the last learning rate (default 10)")
+    p.add_argument("--range-steps", type=int, default=100, help="steps from start to end (default 100)")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_lr_find)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reslab", description="The ResNet family: build, inspect, train.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -520,19 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser(
-        "lr-find",
-        help="learning-rate range test of a run's recipe: loss against lr, a suggested lr (Smith 2017)",
-        description="Train a fresh copy of the run's model while the lr grows exponentially; writes the curve "
-        "and a suggestion into --out-dir (a new folder; default runs/lr-find-MODEL-DATASET). Any train option "
-        "applies (--weights, --freeze, --finetune, --layer-decay, --batch-size, ...).",
-    )
-    p.add_argument("--recipe", help="YAML file of train options")
-    p.add_argument("--start-lr", type=float, default=1e-7, help="the first learning rate (default 1e-7)")
-    p.add_argument("--end-lr", type=float, default=10.0, help="the last learning rate (default 10)")
-    p.add_argument("--range-steps", type=int, default=100, help="steps from start to end (default 100)")
-    _add_config_flags(p)
-    p.set_defaults(func=cmd_lr_find)
+    _add_lr_find_parser(sub)
 
     p = sub.add_parser("report", help="(re)write a run folder's report.html: curves, test results, gradient norms")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by reslab train (it holds best.pt)")

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from reslab.errors import ReslabError
-from reslab.models.weights import read_state_dict
+from reslab.models.weights import read_state_dict, read_weights_file, unwrap
 
 # Input statistics of ImageNet (torchvision's weights): what a plain state dict file is assumed to expect.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -56,7 +56,8 @@ def read_pretrained(source: str | Path, model_name: str, *, download: bool = Fal
     path = Path(source)
     if not path.is_file():
         raise ReslabError(f"weights file not found: {path} (give a .pth, .safetensors or reslab .pt file, or imagenet)")
-    checkpoint = _reslab_checkpoint(path)
+    stored = read_weights_file(path)  # read once: a torchvision file is 45 to 240 MB
+    checkpoint = stored if _is_reslab_checkpoint(stored) else None
     if checkpoint is not None:
         info = checkpoint["dataset"]
         keys = ("mean", "std", "resize", "interpolation")
@@ -68,18 +69,13 @@ def read_pretrained(source: str | Path, model_name: str, *, download: bool = Fal
             model_config=checkpoint["model_config"],
         )
     preprocessing = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "image_size": 224, "resize": 256}
-    return Pretrained(read_state_dict(path), f"{path}", preprocessing | {"interpolation": "bilinear"}, None, True)
+    state = stored if path.suffix == ".safetensors" else unwrap(stored, path)
+    return Pretrained(state, f"{path}", preprocessing | {"interpolation": "bilinear"}, None, True)
 
 
-def _reslab_checkpoint(path: Path) -> dict | None:
-    if path.suffix not in (".pt", ".pth", ".ckpt"):
-        return None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # not readable as a checkpoint: read_state_dict says why in one line
-        return None
-    is_reslab = isinstance(obj, dict) and str(obj.get("format", "")).startswith("reslab-checkpoint")
-    return obj if is_reslab else None
+def _is_reslab_checkpoint(obj: object) -> bool:
+    """A reslab training checkpoint (``reslab.train.checkpoint.FORMAT``), which records its model and data."""
+    return isinstance(obj, dict) and str(obj.get("format", "")).startswith("reslab-checkpoint")
 
 
 def torchvision_names() -> list[str]:

@@ -26,6 +26,13 @@ _NESTED_KEYS = ("state_dict", "model", "model_state", "model_state_dict", "ema")
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Read a flat ``{name: tensor}`` state dict from a ``.pth``/``.pt``/``.bin`` or ``.safetensors`` file."""
     path = Path(path)
+    return read_weights_file(path) if path.suffix == ".safetensors" else unwrap(read_weights_file(path), path)
+
+
+def read_weights_file(path: str | Path) -> object:
+    """What a weights file holds, as stored (a reslab checkpoint, a nested or flat state dict), read safely:
+    ``.safetensors`` as tensors, PyTorch files with ``weights_only``; a ReslabError in one line otherwise."""
+    path = Path(path)
     if not path.is_file():
         raise ReslabError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
@@ -50,10 +57,11 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         raise ReslabError(f"{path} is not a readable PyTorch file (corrupt or not a state dict)") from None
     except (RuntimeError, EOFError, OSError) as err:
         raise ReslabError(f"{path} is not a readable PyTorch file: {err}") from None
-    return _unwrap(obj, path)
+    return obj
 
 
-def _unwrap(obj: object, path: Path) -> dict[str, Tensor]:
+def unwrap(obj: object, path: Path) -> dict[str, Tensor]:
+    """The flat state dict inside what a file held: nested under ``state_dict``/``model``/.., prefixes removed."""
     while isinstance(obj, Mapping) and not _all_tensors(obj):
         nested = next((obj[k] for k in _NESTED_KEYS if isinstance(obj.get(k), Mapping)), None)
         if nested is None:

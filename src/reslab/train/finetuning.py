@@ -3,8 +3,6 @@ which parts of the model are frozen in which epoch, and whether ``--finetune`` f
 
 from __future__ import annotations
 
-import math
-
 from torch import nn
 
 from reslab.data.types import Preprocessing
@@ -85,17 +83,15 @@ def permanently_frozen(cfg: TrainConfig, parts: list[str]) -> list[str]:
 def frozen_in_epoch(cfg: TrainConfig, model: nn.Module, epoch: int) -> list[str]:
     """The parts frozen during ``epoch`` (from 0): ``--freeze``'s always, and with ``--finetune N`` every part
     but the head in the first N epochs."""
-    always = permanently_frozen(cfg, list(model.part_names))
     if epoch < cfg.finetune:
         return [p for p in model.part_names if p != "head"]
-    return always
+    return permanently_frozen(cfg, list(model.part_names))
 
 
 def check_finetune_fits(cfg: TrainConfig, steps_per_epoch: int, total_steps: int) -> None:
     """``--finetune N`` must leave at least one epoch's steps for training the whole net."""
     if cfg.finetune and cfg.finetune * steps_per_epoch >= total_steps:
-        epochs = total_steps / steps_per_epoch
         raise ReslabError(
-            f"finetune {cfg.finetune} is longer than the run ({epochs:.{0 if epochs == math.floor(epochs) else 2}f} "
-            "epochs): give fewer finetune epochs or a longer run"
+            f"finetune {cfg.finetune} is longer than the run ({total_steps / steps_per_epoch:.3g} epochs): give "
+            "fewer finetune epochs or a longer run"
         )
