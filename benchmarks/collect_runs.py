@@ -15,7 +15,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from reslab.train import TrainConfig, load_checkpoint
+from reslab.checkpoint import load_checkpoint
+from reslab.train import TrainConfig
 
 IGNORED = {"device", "amp", "channels_last", "out_dir", "overwrite", "quiet", "hist_every", "data_dir"}
 

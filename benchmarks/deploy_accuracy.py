@@ -15,9 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
-from reslab.deploy.hardware import describe
+from reslab.device import pick_device
 from reslab.inference import compare_precisions
-from reslab.train.runtime import pick_device
+from reslab.machine import describe
 
 
 def main() -> None:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
+from reslab.checkpoint import load_checkpoint, model_from_checkpoint
 from reslab.deploy import OnnxRuntimeModel, export_onnx, quantize_onnx
-from reslab.deploy.hardware import describe
 from reslab.inference import calibration_batches, checkpoint_batches
-from reslab.train.checkpoint import load_checkpoint, model_from_checkpoint
+from reslab.machine import describe
 
 VARIANTS = {
     "reslab (auto weights, fp32 ends)": dict(weights="auto", fp32_ends=True),

@@ -23,9 +23,9 @@ import torch
 
 from reslab import create_model
 from reslab.data import Augment, TensorBatchLoader, load_dataset
-from reslab.deploy.hardware import describe, synchronize
+from reslab.device import pick_amp
+from reslab.machine import describe, synchronize
 from reslab.train import TrainConfig, fit
-from reslab.train.runtime import pick_amp
 
 
 def bare_step(model_name: str, batch_size: int, device: torch.device, steps: int, compile: bool) -> float:

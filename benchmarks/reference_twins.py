@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from reslab.deploy.hardware import describe, matmul_peak
+from reslab.checkpoint import load_checkpoint
 from reslab.explain import degradation
 from reslab.explain.reference import FOLDER, sha256, test_accuracy
-from reslab.train import load_checkpoint
+from reslab.machine import describe, matmul_peak
 
 
 def commit() -> str:

@@ -10,7 +10,7 @@ Three ways to train the same ResNet on Fashion-MNIST-shaped data (1x28x28, batch
    natively, channels-last.
 Images per second are reported with the ratio to (1), and as a share of this machine's matrix-product peak in
 the path's precision: the training FLOPs of one image (counted by torch.utils.flop_counter on a real forward
-and backward pass) times images per second, against `reslab.deploy.hardware.matmul_peak`. A profile of the
+and backward pass) times images per second, against `reslab.machine.matmul_peak`. A profile of the
 default path says which share of its time goes to matrix products and which to the rest.
 """
 
@@ -29,8 +29,7 @@ from torchvision import transforms
 
 from reslab import create_model
 from reslab.data import Augment, DatasetInfo, TensorBatchLoader, TensorSplit
-from reslab.deploy.hardware import matmul_peak
-from reslab.train.runtime import cpu_has_fast_bf16
+from reslab.machine import bf16_native, matmul_peak
 
 
 def train_flops_per_image(model_name: str, **model_args) -> float:
@@ -155,7 +154,7 @@ def main() -> None:
         model = create_model(args.model, in_chans=1)
         return model.to(memory_format=torch.channels_last) if channels_last else model
 
-    amp = torch.bfloat16 if cpu_has_fast_bf16() else None
+    amp = torch.bfloat16 if bf16_native(torch.device("cpu")) else None
     for key, channels_last, dtype in (("reslab_data_fp32_nchw", False, None), ("reslab_default_path", True, amp)):
         results[key] = _train(reslab_model(channels_last), reslab_batches(channels_last), args.steps, dtype)
 

@@ -77,7 +77,7 @@ def summarize(runs: list[dict], target: float, max_seconds: float | None, max_im
 def machine() -> dict:
     import torch
 
-    from reslab.deploy.hardware import cpu_flags, matmul_peak
+    from reslab.machine import cpu_flags, matmul_peak
 
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if "model name" in line), "")

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
+from reslab.checkpoint import load_checkpoint, model_from_checkpoint
 from reslab.data import DatasetInfo, TensorBatchLoader, load_dataset
-from reslab.train.checkpoint import load_checkpoint, model_from_checkpoint
+from reslab.device import pick_amp
 from reslab.train.engine import evaluate
-from reslab.train.runtime import pick_amp
 
 VIEWS = {"none": (False, 0), "flip": (True, 0), "flip+translate1": (True, 1), "flip+translate2": (True, 2)}
 

@@ -203,8 +203,8 @@ def _train_config(args: argparse.Namespace):
     it (a recipe, when given, must agree with it); not found, the run starts anew, so a requeued job script
     needs no edit.
     """
+    from reslab.checkpoint import resolve_resume
     from reslab.train import TrainConfig, from_dict, load_recipe
-    from reslab.train.checkpoint import resolve_resume
 
     given = _given_options(args)
     recipe_cfg = from_dict(load_recipe(args.recipe) if args.recipe else {}, source=str(args.recipe or "defaults"))

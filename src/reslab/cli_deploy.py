@@ -48,8 +48,8 @@ def note_precision(args: argparse.Namespace) -> None:
         return
     quiet_compiler_logs()
     if args.precision == "bf16":
-        from reslab.deploy.hardware import bf16_native
-        from reslab.train.runtime import pick_device
+        from reslab.device import pick_device
+        from reslab.machine import bf16_native
 
         if not bf16_native(pick_device(args.device)):
             print("note: this machine has no native bf16 (AVX-512 BF16, AMX or an Ampere GPU): it is emulated, "
@@ -60,8 +60,8 @@ def note_precision(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    from reslab.checkpoint import load_checkpoint, model_from_checkpoint
     from reslab.deploy.export import export_safetensors, model_metadata
-    from reslab.train.checkpoint import load_checkpoint, model_from_checkpoint
 
     if args.int8 and args.format != "onnx":
         raise ReslabError("--int8 applies to --format onnx (safetensors holds the trained fp32 weights)")
@@ -110,8 +110,8 @@ def _bench_model(args: argparse.Namespace):
     """(model in eval mode on the device, one image's (C, H, W)) from a registry name or a checkpoint."""
     import torch
 
+    from reslab.device import pick_device
     from reslab.models import create_model, get_spec
-    from reslab.train.runtime import pick_device
 
     device = pick_device(args.device)
     if (args.img_size is not None and args.img_size < 1) or (args.threads is not None and args.threads < 1):
@@ -119,7 +119,7 @@ def _bench_model(args: argparse.Namespace):
     if "int8" in args.precision and device.type != "cpu":  # before any row is measured
         raise ReslabError("int8 runs on the CPU (ONNX Runtime): add --device cpu, or drop int8 from --precision")
     if Path(args.target).suffix in (".pt", ".pth") or Path(args.target).is_file():
-        from reslab.train.checkpoint import load_checkpoint, model_from_checkpoint
+        from reslab.checkpoint import load_checkpoint, model_from_checkpoint
 
         ckpt = load_checkpoint(args.target)
         model, info = model_from_checkpoint(ckpt), ckpt["dataset"]

@@ -13,24 +13,18 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from reslab.analysis.plots import plot_confusion_matrix
+from reslab.checkpoint import load_checkpoint, model_from_checkpoint
 from reslab.data import DataBundle, DatasetInfo, FolderBatchLoader, TensorBatchLoader, load_dataset
 from reslab.data.datasets import recorded_data_dir
 from reslab.data.folder import TransformSubset, info_transform, whole_image_folder
+from reslab.device import pick_amp, pick_device
 from reslab.errors import ReslabError
-from reslab.train.checkpoint import load_checkpoint, model_from_checkpoint
 from reslab.train.engine import EvalResult, autocast, evaluate
-from reslab.train.runtime import pick_amp, pick_device
-
-
-def _info(ckpt: dict[str, Any]) -> DatasetInfo:
-    d = dict(ckpt["dataset"])
-    d["image_size"] = tuple(d["image_size"])
-    return DatasetInfo(**d)
 
 
 def _bundle(ckpt: dict[str, Any], name: str, data_dir: str | None) -> DataBundle:
     """The checkpoint's dataset (or ``name``), split as in training, with the classes the model knows."""
-    cfg, info = ckpt["config"], _info(ckpt)
+    cfg, info = ckpt["config"], DatasetInfo.from_dict(ckpt["dataset"])
     bundle = load_dataset(
         name,
         data_dir=data_dir or recorded_data_dir(cfg["data_dir"]),
@@ -47,7 +41,7 @@ def _bundle(ckpt: dict[str, Any], name: str, data_dir: str | None) -> DataBundle
 
 def _split(ckpt: dict[str, Any], name: str, data_dir: str | None, split: str) -> tuple[Any, bool]:
     """(the images of ``split``, whether they are held in memory)."""
-    cfg, info = ckpt["config"], _info(ckpt)
+    cfg, info = ckpt["config"], DatasetInfo.from_dict(ckpt["dataset"])
     trained_on = Path(cfg["data_dir"]).resolve() if cfg["data_dir"] else None
     if name == "imagefolder" and data_dir and Path(data_dir).resolve() != trained_on:
         if split == "val":
@@ -63,7 +57,7 @@ def _split(ckpt: dict[str, Any], name: str, data_dir: str | None, split: str) ->
 
 def _loader(ckpt: dict[str, Any], data: Any, in_memory: bool, device: torch.device, batch_size: int):
     """Fixed-order batches (x normalized with the training statistics, y) of ``data`` on ``device``."""
-    info = _info(ckpt)
+    info = DatasetInfo.from_dict(ckpt["dataset"])
     if in_memory:
         return TensorBatchLoader(data, info, batch_size=batch_size, train=False, device=device, channels_last=True)
     data.transform = info_transform(info)
@@ -126,7 +120,7 @@ def inference_model(
     model = model_from_checkpoint(ckpt).to(device)
     if precision is None:
         return model.to(memory_format=torch.channels_last), pick_amp(ckpt["config"].get("amp", "auto"), device)
-    info = _info(ckpt)
+    info = DatasetInfo.from_dict(ckpt["dataset"])
     calibration = calibration_batches(ckpt, data_dir=data_dir) if precision == "int8" else None
     shape = (info.channels, *info.image_size)
     fast = optimize(model, precision, backend=backend, compile=compile, calibration=calibration, input_shape=shape)
@@ -155,7 +149,7 @@ def evaluate_checkpoint(
     if split not in ("test", "val"):
         raise ReslabError(f"--split must be test or val, not {split!r}")
     ckpt = load_checkpoint(path)
-    cfg, info = ckpt["config"], _info(ckpt)
+    cfg, info = ckpt["config"], DatasetInfo.from_dict(ckpt["dataset"])
     name = dataset or cfg["dataset"]
     data, in_memory = _split(ckpt, name, data_dir, split)
     dev = pick_device(device)
@@ -269,7 +263,7 @@ def predict_images(
     ``data_dir`` or where training found them).
     """
     ckpt = load_checkpoint(path)
-    info = _info(ckpt)
+    info = DatasetInfo.from_dict(ckpt["dataset"])
     dev = pick_device(device)
     to_input = info_transform(info)
     if info.image_size[0] != info.image_size[1]:

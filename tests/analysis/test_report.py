@@ -12,8 +12,9 @@ import pytest
 
 from reslab.analysis.html import Page
 from reslab.analysis.report import layer_gradient_norms
+from reslab.checkpoint import load_checkpoint
 from reslab.cli import main
-from reslab.train import TrainConfig, fit, load_checkpoint
+from reslab.train import TrainConfig, fit
 from tests.data.fixtures import write_mnist_like
 from tests.train.test_eval_predict import TINY
 

@@ -20,7 +20,7 @@ def checkpoint_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained(checkpoint_path):
     """(checkpoint dict, eval-mode model) of the fixture."""
-    from reslab.train.checkpoint import load_checkpoint, model_from_checkpoint
+    from reslab.checkpoint import load_checkpoint, model_from_checkpoint
 
     ckpt = load_checkpoint(checkpoint_path)
     return ckpt, model_from_checkpoint(ckpt)

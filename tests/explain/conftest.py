@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from reslab.checkpoint import FORMAT
 from reslab.data import DatasetInfo
 from reslab.train import TrainConfig
-from reslab.train.checkpoint import FORMAT
 
 
 @pytest.fixture(autouse=True)

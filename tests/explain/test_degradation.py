@@ -5,10 +5,10 @@ import math
 
 import pytest
 
+from reslab.checkpoint import load_checkpoint
 from reslab.cli import main
 from reslab.errors import ReslabError
 from reslab.explain import degradation
-from reslab.train import load_checkpoint
 from tests.data.fixtures import write_mnist_like
 
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from reslab import ReslabError
+from reslab.checkpoint import load_checkpoint
 from reslab.cli import main
-from reslab.train import TrainConfig, fit, from_dict, load_checkpoint
+from reslab.train import TrainConfig, fit, from_dict
 from reslab.train import trainer as trainer_module
 from reslab.train.budget import RunCosts, parse_budget, steps_within
 from reslab.train.optim import build_scheduler

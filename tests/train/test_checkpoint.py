@@ -12,9 +12,8 @@ import types
 import pytest
 import torch
 
-from reslab.errors import ReslabError
-from reslab.train import checkpoint
-from reslab.train.checkpoint import (
+from reslab import checkpoint
+from reslab.checkpoint import (
     FORMAT,
     CheckpointWriteError,
     atomic_save,
@@ -24,6 +23,7 @@ from reslab.train.checkpoint import (
     progress_of,
     resolve_resume,
 )
+from reslab.errors import ReslabError
 
 
 def _state(epoch: int, progress: tuple[int, int] | None = None, *, numel: int = 64, training: bool = True) -> dict:
@@ -131,7 +131,7 @@ def test_real_write_over_the_file_size_limit_keeps_the_previous_checkpoint(tmp_p
         """
         import resource, signal, sys
         import torch
-        from reslab.train.checkpoint import CheckpointWriteError, atomic_save
+        from reslab.checkpoint import CheckpointWriteError, atomic_save
 
         limit = int(sys.argv[2])
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead of killing us
@@ -189,7 +189,7 @@ def test_kill_during_a_write_leaves_a_temp_file_that_the_next_start_removes(tmp_
         """
         import os, signal, sys
         import torch
-        from reslab.train.checkpoint import atomic_save
+        from reslab.checkpoint import atomic_save
 
         # SIGKILL once every byte is written but before the rename: the moment that leaves the most behind
         os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)

@@ -3,7 +3,8 @@
 import torch
 from torch import nn
 
-from reslab.train import fit, load_checkpoint
+from reslab.checkpoint import load_checkpoint
+from reslab.train import fit
 from reslab.train import trainer as trainer_module
 from reslab.train.ema import ModelEma
 

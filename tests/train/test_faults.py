@@ -10,8 +10,8 @@ import time
 
 import torch
 
+from reslab.checkpoint import load_checkpoint
 from reslab.cli import main
-from reslab.train import load_checkpoint
 from tests.train.test_trainer import assert_same_run
 
 # The child is `reslab train` whose fsync takes 0.3 s and says so: a kill timed on that line lands
@@ -101,7 +101,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_ends_in_one_line(tiny_con
     import shutil
     from collections import namedtuple
 
-    import reslab.train.checkpoint as checkpoint_module
+    import reslab.checkpoint as checkpoint_module
 
     real = shutil.disk_usage
     writes = {"n": 0}

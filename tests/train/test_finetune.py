@@ -12,10 +12,11 @@ import torch
 import torchvision
 from PIL import Image
 
+from reslab.checkpoint import load_checkpoint
 from reslab.cli import main
 from reslab.models import ResNet, create_model
 from reslab.models.pretrained import adapt_input_channels
-from reslab.train import TrainConfig, load_checkpoint
+from reslab.train import TrainConfig
 from reslab.train.optim import param_groups
 from tests.data.fixtures import write_image_folder
 
@@ -111,7 +112,7 @@ def test_imagenet_weights_load_from_the_hub_cache_and_their_preprocessing_is_wha
             torchvision.transforms.Normalize(info["mean"], info["std"]),
         ]
     )
-    from reslab.train.checkpoint import model_from_checkpoint
+    from reslab.checkpoint import model_from_checkpoint
 
     with Image.open(image) as im:
         x = by_hand(im.convert("RGB"))[None]

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from reslab import ReslabError
-from reslab.train import fit, load_checkpoint
+from reslab.checkpoint import load_checkpoint
+from reslab.train import fit
 from reslab.train import trainer as trainer_module
 from reslab.train.signals import TrainingStopped
 

@@ -28,13 +28,13 @@ from torch import Tensor
 
 from reslab.analysis.html import Page
 from reslab.analysis.plots import plot_history
+from reslab.checkpoint import load_checkpoint, model_from_checkpoint
 from reslab.data import DatasetInfo, TensorBatchLoader, TensorSplit, load_dataset
 from reslab.data.datasets import recorded_data_dir
+from reslab.device import pick_amp, pick_device
 from reslab.errors import ReslabError
 from reslab.inference import evaluate_checkpoint
-from reslab.train.checkpoint import load_checkpoint, model_from_checkpoint
 from reslab.train.engine import autocast, predict_logits
-from reslab.train.runtime import pick_amp, pick_device
 
 GRID_IMAGES = 32  # 4 rows of 8: enough to see what the model gets right and wrong, few enough to read
 SAMPLE_IMAGES = 1000  # test images predicted for the grids; the whole test set is scored by evaluate_checkpoint
@@ -191,7 +191,7 @@ def predict(best: dict, split: TensorSplit, device: str) -> Tensor:
     """The predicted class (N,) of each uint8 image of ``split``, scored as ``evaluate_checkpoint`` scores them:
     the checkpoint's normalization, mixed precision and test-time augmentation."""
     dev = pick_device(device)
-    info = DatasetInfo(**{**best["dataset"], "image_size": tuple(best["dataset"]["image_size"])})
+    info = DatasetInfo.from_dict(best["dataset"])
     model = model_from_checkpoint(best).to(dev)
     cfg = best["config"]
     amp = pick_amp(cfg.get("amp", "auto"), dev)

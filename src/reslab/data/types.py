@@ -7,6 +7,7 @@ imports the other.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -46,6 +47,13 @@ class DatasetInfo:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> DatasetInfo:
+        """The info a checkpoint, a manifest or a JSON file saved as a dict (``dataclasses.asdict``; JSON and
+        torch.save keep tuples as lists): the one place a saved DatasetInfo is rebuilt."""
+        tuples = ("image_size", "mean", "std")
+        return cls(**{k: tuple(v) if k in tuples else v for k, v in saved.items()})
 
 
 @dataclass

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from reslab.deploy.export import OnnxRuntimeModel, export_onnx
-from reslab.deploy.hardware import bf16_native, describe, matmul_peak, synchronize
 from reslab.deploy.optimize import optimize
+from reslab.machine import bf16_native, describe, matmul_peak, synchronize
 
 
 @dataclass

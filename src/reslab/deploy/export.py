@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from reslab.deploy.fold import fold_bn
-from reslab.deploy.hardware import int8_native
 from reslab.errors import ReslabError
+from reslab.machine import int8_native
 
 INPUT, OUTPUT = "image", "logits"
 

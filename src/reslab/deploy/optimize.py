@@ -80,7 +80,7 @@ def optimize(
     Args:
         model: an eval-mode model, e.g. ``model_from_checkpoint(ckpt)``.
         precision: ``"fp32"``; ``"bf16"`` (native on Ampere+ GPUs and CPUs with AVX-512 BF16 or AMX, emulated
-            and slow elsewhere: ``hardware.bf16_native`` tells); ``"int8"`` (CPU, ONNX Runtime).
+            and slow elsewhere: ``reslab.machine.bf16_native`` tells); ``"int8"`` (CPU, ONNX Runtime).
         backend: ``"torch"`` (folded, cast, compiled), ``"onnxruntime"`` (fp32 or int8, CPU) or ``"auto"``:
             for fp32 on a CPU with ``input_shape`` given, both are built, timed on a batch of 16, and the
             faster kept (on this project's AVX2 CPU ONNX Runtime's convolutions won); otherwise torch.

@@ -27,13 +27,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from reslab.checkpoint import load_checkpoint, model_from_checkpoint
 from reslab.data import DatasetInfo, load_dataset
 from reslab.data.augment import normalize
 from reslab.data.datasets import IN_MEMORY_LOADERS
+from reslab.device import pick_device
 from reslab.errors import ReslabError
 from reslab.models import ResNet, create_model, get_spec
-from reslab.train.checkpoint import load_checkpoint, model_from_checkpoint
-from reslab.train.runtime import pick_device
 
 SHIPPED_TWINS = ("plain20", "resnet20", "plain56", "resnet56")  # what `reslab explain all` studies
 
@@ -105,7 +105,7 @@ def load_subject(
         return Subject(
             label=ckpt["model_name"],
             model=model_from_checkpoint(ckpt).to(dev).eval(),
-            info=_info(ckpt["dataset"]),
+            info=DatasetInfo.from_dict(ckpt["dataset"]),
             source=str(checkpoint),
             kind="checkpoint",
             val_ratio=cfg["val_ratio"],
@@ -131,18 +131,13 @@ def load_shipped(name: str, *, device: str | torch.device = "cpu") -> Subject:
     return Subject(
         label=name,
         model=net.to(dev).eval(),
-        info=_info(entry["dataset"]),
+        info=DatasetInfo.from_dict(entry["dataset"]),
         source=f"shipped reference weights ({entry['file']})",
         kind="shipped",
         val_ratio=split["val_ratio"],
         split_seed=split["seed"],
         train_subset=split.get("train_subset") or 0,
     )
-
-
-def _info(saved: dict[str, Any]) -> DatasetInfo:
-    """A DatasetInfo saved as a dict (JSON has no tuples)."""
-    return DatasetInfo(**{**saved, "image_size": tuple(saved["image_size"])})
 
 
 def load_subjects(
@@ -394,8 +389,8 @@ def run_all(
     ``options`` adds keywords to one experiment's ``measure`` (``{"lesion": {"images": 100}}``).
     Returns the contents of all.json.
     """
-    from reslab.deploy.hardware import describe
     from reslab.explain import EXPERIMENTS, reference
+    from reslab.machine import describe
 
     check_shipped(SHIPPED_TWINS)  # before anything is written
     load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # other work inflates the times

@@ -80,7 +80,7 @@ def _finished(cfg) -> tuple[int, str | None] | None:
     """(steps, budget) of the saved run of this recipe, if one finished: its best.pt holds the final results and
     its last.pt the same config and history (a run started again over it and stopped early has a last.pt of its
     own). The step count, and the budget that fixed it, are the run's own."""
-    from reslab.train import load_checkpoint
+    from reslab.checkpoint import load_checkpoint
 
     run = Path(cfg.out_dir)
     if not (run / "best.pt").is_file() or not (run / "last.pt").is_file():
@@ -96,7 +96,7 @@ def _finished(cfg) -> tuple[int, str | None] | None:
 
 
 def _read_run(run: Path) -> dict[str, Any]:
-    from reslab.train import load_checkpoint
+    from reslab.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(run / "best.pt")
     return {
@@ -112,11 +112,12 @@ def _final_errors(run: Path) -> dict[str, Any]:
     """The final weights' error on the training images the run trained on (at most ``MAX_FINAL_TRAIN_IMAGES``
     of them) and on the test set, BatchNorm in inference mode, no augmentation; each with its binomial standard
     error."""
+    from reslab.checkpoint import load_checkpoint, model_from_checkpoint
     from reslab.data import load_dataset
     from reslab.data.loaders import TensorBatchLoader
     from reslab.data.types import subset_of_train
     from reslab.explain.common import device_of
-    from reslab.train import evaluate, load_checkpoint, model_from_checkpoint
+    from reslab.train import evaluate
 
     ckpt = load_checkpoint(run / "last.pt")
     cfg = ckpt["config"]

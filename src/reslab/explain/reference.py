@@ -81,7 +81,7 @@ def test_accuracy(name: str, *, images: int | None = None, data_dir: str | None 
     from reslab.train import evaluate
 
     model, entry = load_weights(name)
-    info = DatasetInfo(**{**entry["dataset"], "image_size": tuple(entry["dataset"]["image_size"])})
+    info = DatasetInfo.from_dict(entry["dataset"])
     test = load_dataset(info.name, data_dir=data_dir, val_ratio=0.0, download=False).test
     if images is not None:
         test = test.subset(torch.arange(min(images, len(test))))

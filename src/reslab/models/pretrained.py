@@ -74,7 +74,7 @@ def read_pretrained(source: str | Path, model_name: str, *, download: bool = Fal
 
 
 def _is_reslab_checkpoint(obj: object) -> bool:
-    """A reslab training checkpoint (``reslab.train.checkpoint.FORMAT``), which records its model and data."""
+    """A reslab training checkpoint (``reslab.checkpoint.FORMAT``), which records its model and data."""
     return isinstance(obj, dict) and str(obj.get("format", "")).startswith("reslab-checkpoint")
 
 

@@ -1,6 +1,8 @@
-"""Training: config, engine (forward_backward, optimizer_step, evaluate), checkpoints, logging, runtime and DDP, fit."""
+"""Training: config, engine (forward_backward, optimizer_step, evaluate), logging, runtime and DDP, fit.
 
-from reslab.train.checkpoint import load_checkpoint, model_from_checkpoint
+Checkpoint files are ``reslab.checkpoint``; device and precision choice is ``reslab.device``.
+"""
+
 from reslab.train.config import TrainConfig, from_dict, load_recipe
 from reslab.train.engine import evaluate
 from reslab.train.trainer import fit, measure_costs
@@ -10,8 +12,6 @@ __all__ = [
     "evaluate",
     "fit",
     "from_dict",
-    "load_checkpoint",
     "load_recipe",
     "measure_costs",
-    "model_from_checkpoint",
 ]

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from reslab.device import pick_amp, pick_device
 from reslab.errors import ReslabError
 
 T = TypeVar("T")
@@ -45,49 +46,6 @@ class Runtime:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ReslabError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ReslabError("device cuda was asked for, but no CUDA GPU is available; use --device cpu")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ReslabError("device mps was asked for, but Apple's MPS is not available here; use --device cpu")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ReslabError(f"device {name!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
-    return device
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True where oneDNN runs bf16 natively (AVX-512 BF16 or AMX), as on this project's EPYC CPU."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def pick_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "off":
-        return None
-    if amp == "fp16":
-        return torch.float16
-    if amp == "bf16":
-        return torch.bfloat16
-    # auto: bf16 where it is fast and safe (no loss scaling needed); float32 elsewhere.
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_fast_bf16() else None
-    return None
 
 
 def setup(device: str, amp: str, channels_last: bool | None) -> Runtime:

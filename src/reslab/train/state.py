@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from reslab.train.checkpoint import progress_of
+from reslab.checkpoint import progress_of
 from reslab.train.ema import ModelEma
 from reslab.train.engine import EpochMeter
 from reslab.train.logging import GradNormTracker

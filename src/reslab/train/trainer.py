@@ -33,13 +33,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from reslab.checkpoint import FORMAT, atomic_save, clean_stale_temp_files, previous_path, resolve_resume
 from reslab.data import DataBundle, load_dataset
 from reslab.data.types import subset_of_train
 from reslab.errors import ReslabError
 from reslab.models import create_model
 from reslab.models.pretrained import Pretrained, load_pretrained, read_pretrained
 from reslab.train import budget, finetuning, runtime
-from reslab.train.checkpoint import FORMAT, atomic_save, clean_stale_temp_files, previous_path, resolve_resume
 from reslab.train.config import TrainConfig, check_resumable
 from reslab.train.divergence import diagnose, nonfinite_entries
 from reslab.train.ema import ModelEma

@@ -1,15 +1,20 @@
-"""What this machine can do: its CPU flags or GPU, which precisions it runs natively, its matrix-product peak."""
+"""What this machine is and can do: its CPU flags or GPU, which precisions it runs natively, its matrix-product
+peak, and ``record``: the one description of the machine, command, commit and date that every benchmark and
+experiment writes beside its numbers (a claim holds on the machine it names)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import shlex
+import subprocess
+import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-
-from reslab.train.runtime import cpu_has_fast_bf16
 
 # The CPU features that decide which inference precision is fast: bf16 needs AVX-512 BF16 or AMX to run
 # natively; int8 needs VNNI (or AMX) to multiply 8-bit values without saturating 16-bit sums.
@@ -36,14 +41,23 @@ def int8_native() -> bool:
 
 
 def bf16_native(device: torch.device) -> bool:
-    """True where bf16 runs natively: an Ampere-or-later GPU, or a CPU with AVX-512 BF16 or AMX."""
+    """True where bf16 runs natively: an Ampere-or-later GPU, or a CPU with AVX-512 BF16 or AMX.
+
+    The one bf16 test of reslab (``--amp auto`` and the deploy precisions ask it). On Linux it reads the CPU
+    flags: oneDNN's own check (``torch.ops.mkldnn._is_mkldnn_bf16_supported``) also says yes on AVX-512
+    without BF16, where bf16 is emulated and slower than float32. Where there are no flags to read (macOS,
+    Windows), oneDNN is asked.
+    """
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type != "cpu":
         return False
-    if Path("/proc/cpuinfo").is_file():  # oneDNN's own check also says yes to AVX-512 without BF16 (emulated)
+    if _cpuinfo():
         return any(f in cpu_flags() for f in ("avx512_bf16", "amx_bf16"))
-    return cpu_has_fast_bf16()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def describe(device: torch.device) -> dict[str, object]:
@@ -99,3 +113,53 @@ def matmul_peak(
         else:
             reps *= 2
     return max(rates)
+
+
+def record(device: torch.device | str = "cpu", *, command: str | None = None, peak: bool = True) -> dict[str, object]:
+    """What a result file says of where it came from: the command, the commit, the date and the machine
+    (``describe`` plus the measured float32 matrix-product peak in GFLOP/s, and the GPU where there is one).
+
+    Every benchmark and experiment stores this under its JSON's ``"provenance"`` key; the documentation labels
+    each table with it. ``peak=False`` skips the 1-2 s peak measurement (``fp32_matmul_gflops`` is then None).
+    """
+    device = torch.device(device)
+    machine = describe(device)
+    machine["fp32_matmul_gflops"] = round(matmul_peak(device), 1) if peak else None
+    return {
+        "command": command or _command(),
+        "commit": _commit(),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine,
+    }
+
+
+def _command() -> str:
+    """This process's command line as a user would type it: ``python benchmarks/x.py ...`` or ``reslab ...``."""
+    first = sys.argv[0] if sys.argv and sys.argv[0] else "python"
+    if first.endswith(".py"):
+        path = Path(first)
+        with contextlib.suppress(ValueError):  # a script outside the working folder keeps its absolute path
+            path = path.resolve().relative_to(Path.cwd())
+        head = ["python", str(path)]
+    else:
+        head = ["reslab" if Path(first).name in ("reslab", "__main__.py", "-m") else Path(first).name]
+    return shlex.join(head + sys.argv[1:])
+
+
+def _commit() -> str | None:
+    """The repository's commit, with ``-dirty`` when files differ from it; None outside a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
