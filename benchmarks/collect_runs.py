@@ -15,6 +15,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from reslab import machine
 from reslab.checkpoint import load_checkpoint
 from reslab.train import TrainConfig
 
@@ -56,7 +57,7 @@ def main() -> None:
         print(f"{r['run']:<10} val {val:>7}  test {r['test_acc']:.2%}  {r['train_seconds']:>7.1f} s  {r['options']}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2) + "\n")
+    out.write_text(json.dumps({"provenance": machine.record("cpu", peak=False), "runs": rows}, indent=2) + "\n")
     print(f"wrote {out}")
 
 

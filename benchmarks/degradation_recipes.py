@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from reslab import machine
 from reslab.data import load_dataset
 from reslab.data.loaders import Augment, TensorBatchLoader
 from reslab.data.types import stratified_split
@@ -122,7 +123,7 @@ def main() -> None:
     loader = TensorBatchLoader(train, b.info, batch_size=a.batch, train=True, augment=augment, seed=a.seed, **common)
     train_eval = TensorBatchLoader(train, b.info, batch_size=1000, train=False, **common)
     test_eval = TensorBatchLoader(b.test, b.info, batch_size=1000, train=False, **common)
-    out = {"args": vars(a), "n_train": len(train), "steps": steps, "models": {}}
+    out = {"provenance": machine.record(dev), "args": vars(a), "n_train": len(train), "steps": steps, "models": {}}
     for name in a.models:
         m, curve, secs = train_one(name, a, loader, steps, dtype)
         te, tst = error(m, train_eval, dev, dtype), error(m, test_eval, dev, dtype)

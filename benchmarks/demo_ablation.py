@@ -21,7 +21,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from time_to_accuracy import machine, run_once
+from time_to_accuracy import run_once
+
+from reslab import machine
 
 RECIPE = "recipes/fashion_mnist_demo.yaml"
 # name: (what changes, the flags that change it)
@@ -62,7 +64,7 @@ def main() -> None:
         "amp": args.amp,
         "seeds": args.seeds,
         "variants": results,
-        "machine": machine(),
+        "provenance": machine.record("cpu"),
     }
     out = Path("benchmarks/results") / f"demo_ablation_{args.amp}_cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)

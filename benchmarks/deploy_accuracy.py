@@ -15,9 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
+from reslab import machine
 from reslab.device import pick_device
 from reslab.inference import compare_precisions
-from reslab.machine import describe
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"checkpoint": args.checkpoint, "machine": describe(pick_device(args.device)), "rows": rows}
+    payload = {"checkpoint": args.checkpoint, "provenance": machine.record(pick_device(args.device)), "rows": rows}
     out.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
+from reslab import machine
 from reslab.checkpoint import load_checkpoint, model_from_checkpoint
 from reslab.deploy import OnnxRuntimeModel, export_onnx, quantize_onnx
 from reslab.inference import calibration_batches, checkpoint_batches
-from reslab.machine import describe
 
 VARIANTS = {
     "reslab (auto weights, fp32 ends)": dict(weights="auto", fp32_ends=True),
@@ -57,7 +57,7 @@ def main() -> None:
         print(f"{name:>34}: accuracy {row['accuracy']:.2%}, agreement with eager fp32 {row['agreement']:.2%}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"checkpoint": args.checkpoint, "machine": describe(torch.device("cpu")), "rows": rows}
+    payload = {"checkpoint": args.checkpoint, "provenance": machine.record("cpu"), "rows": rows}
     out.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {out}")
 

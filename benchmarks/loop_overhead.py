@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from reslab import create_model
+from reslab import create_model, machine
 from reslab.data import Augment, TensorBatchLoader, load_dataset
 from reslab.device import pick_amp
-from reslab.machine import describe, synchronize
+from reslab.machine import synchronize
 from reslab.train import TrainConfig, fit
 
 
@@ -114,7 +114,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "compile": args.compile,
         "results": results,
-        "machine": describe(device),
+        "provenance": machine.record(device),
     }
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")

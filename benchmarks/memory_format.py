@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from contextlib import nullcontext
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from reslab import create_model
+from reslab import create_model, machine
 
 CASES = [  # (model, batch, input size): a CIFAR net at its resolution, an ImageNet net at 224
     ("resnet20", 128, 32),
@@ -92,15 +91,8 @@ def main() -> None:
                 row["nhwc_over_nchw"] = round(row["nhwc_img_s"] / row["nchw_img_s"], 2)
                 results.append(row)
                 print(json.dumps(row), flush=True)
-    machine = {
-        "device": args.device,
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-    }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
+    out.write_text(json.dumps({"provenance": machine.record(args.device), "results": results}, indent=2) + "\n")
     print(f"wrote {out}")
 
 

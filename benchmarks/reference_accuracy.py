@@ -12,12 +12,9 @@ benchmarks/results/reference_accuracy_cpu.json.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from time_to_accuracy import machine
-
+from reslab import machine
 from reslab.explain import reference
 
 
@@ -28,7 +25,7 @@ def main() -> None:
         recorded = 1 - reference.manifest()["models"][name]["final"]["test"]["error"]
         rows[name] = {"test_acc": accuracy, "images": images, "recorded": recorded, "difference": accuracy - recorded}
         print(f"{name:>9}: {accuracy:.2%} on {images} test images (recorded {recorded:.2%})", flush=True)
-    record = {"command": "python benchmarks/reference_accuracy.py", "models": rows, "machine": machine()}
+    record = {"models": rows, "provenance": machine.record("cpu")}
     out = Path("benchmarks/results/reference_accuracy_cpu.json")
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")

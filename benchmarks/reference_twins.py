@@ -14,22 +14,20 @@ the final errors and each file's SHA-256.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from reslab import machine
 from reslab.checkpoint import load_checkpoint
 from reslab.explain import degradation
 from reslab.explain.reference import FOLDER, sha256, test_accuracy
-from reslab.machine import describe, matmul_peak
 
 
 def commit() -> str:
@@ -91,12 +89,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    provenance = {
-        "command": " ".join(["python", "benchmarks/reference_twins.py", *sys.argv[1:]]),
-        "commit": commit(),  # before the weights are written into src/
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {**describe(device), "fp32_matmul_gflops": round(matmul_peak(device), 1)},
-    }
+    provenance = {**machine.record(device), "commit": commit()}  # the commit before the weights are written into src/
     start = time.perf_counter()
     result = degradation.measure(
         budget=args.budget,

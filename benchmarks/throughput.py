@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision import transforms
 
-from reslab import create_model
+from reslab import create_model, machine
 from reslab.data import Augment, DatasetInfo, TensorBatchLoader, TensorSplit
 from reslab.machine import bf16_native, matmul_peak
 
@@ -189,12 +188,6 @@ def main() -> None:
             f"{r['path']:<40} {r['images_per_second']:>8.1f} img/s  {r['speedup']:.2f}x  "
             f"{r['gflops']:>6.1f} GFLOP/s  {r['share_of_peak']:.1%} of peak"
         )
-    machine = {
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "bf16": amp is not None,
-    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
@@ -203,7 +196,8 @@ def main() -> None:
                 "model": args.model,
                 "batch_size": args.batch_size,
                 "steps": args.steps,
-                "machine": machine,
+                "provenance": machine.record(cpu, peak=False),  # the peaks of both precisions are below
+                "bf16": amp is not None,
                 "results": rows,
                 "train_flops_per_image": flops,
                 "matmul_peak_gflops": {"float32": round(peaks[None], 1), "bfloat16": round(peaks[torch.bfloat16], 1)},

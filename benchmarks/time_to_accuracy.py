@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from reslab import machine
 
 
 def run_once(recipe: str, seed: int, device: str, extra: list[str]) -> dict:
@@ -74,24 +74,6 @@ def summarize(runs: list[dict], target: float, max_seconds: float | None, max_im
     }
 
 
-def machine() -> dict:
-    import torch
-
-    from reslab.machine import cpu_flags, matmul_peak
-
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if "model name" in line), "")
-    return {
-        "platform": platform.platform(),
-        "cpu": model or platform.processor(),
-        "cores": os.cpu_count(),
-        "cpu_flags": cpu_flags(),
-        "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "fp32_matmul_gflops": round(matmul_peak(torch.device("cpu")), 1),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe")
@@ -114,13 +96,13 @@ def main() -> None:
         "seeds": args.seeds,
         **summarize(runs, args.target, args.max_seconds, args.max_images),
         "runs": runs,
-        "machine": machine(),
+        "provenance": machine.record(args.device),
     }
     name = args.name or Path(args.recipe).stem
     out = Path("benchmarks/results") / f"time_to_accuracy_{name}_{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
-    summary = {k: v for k, v in record.items() if k not in ("runs", "machine")}
+    summary = {k: v for k, v in record.items() if k not in ("runs", "provenance")}
     print(json.dumps(summary, indent=2))
     print(f"wrote {out}")
 

@@ -26,16 +26,13 @@ import argparse
 import json
 import re
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))
-from time_to_accuracy import machine
-
+from reslab import machine
 from reslab.data import load_dataset
 from reslab.train import fit, from_dict, load_recipe
 
@@ -137,13 +134,12 @@ def main() -> None:
             row = table[f"{name}/{shots}"]
             print(f"{shots:>4} per class  {name:>14}: {row['mean']:.2%} +- {row['stdev']:.2%}  {accuracies}")
     record = {
-        "command": "python benchmarks/transfer.py " + " ".join(sys.argv[1:]),
         "pretrain": {"recipe": PRETRAIN, "steps": args.pretrain_steps, **pretrained},
         "finetune_recipe": load_recipe(FINETUNE),
         "seeds": args.seeds,
         "test_images": 5000,
         "rows": table,
-        "machine": machine(),
+        "provenance": machine.record("cpu"),
     }
     out = Path("benchmarks/results/transfer_fashion_mnist_cpu.json")
     out.write_text(json.dumps(record, indent=2) + "\n")
@@ -154,12 +150,13 @@ def main() -> None:
 
 def write_readme(record: dict, readme: Path = Path("README.md")) -> None:
     """README's table between ``<!-- transfer:start -->`` and ``<!-- transfer:end -->``, from ``record``."""
-    m = record["machine"]
+    m = record["provenance"]["machine"]
     seconds = record["pretrain"]["seconds"] + sum(r["seconds"] for row in record["rows"].values() for r in row["runs"])
     body = (
         f"{markdown(record)}\n\nPretrained on the five clothes classes: {record['pretrain']['test_acc']:.2%} test "
         f"accuracy "
-        f"({record['pretrain']['steps']} steps of 128). `{record['command'].strip()}` on {m['cores']} cores of an "
+        f"({record['pretrain']['steps']} steps of 128). `{record['provenance']['command']}` on {m['cores']} cores "
+        f"of an "
         f"{m['cpu']} ({', '.join(m['cpu_flags'])}; {m['fp32_matmul_gflops']} GFLOP/s fp32 matrix product), torch "
         f"{m['torch']}, {seconds / 60:.0f} min in all; every run in "
         "`benchmarks/results/transfer_fashion_mnist_cpu.json`."

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from reslab import machine
 from reslab.checkpoint import load_checkpoint, model_from_checkpoint
 from reslab.data import DatasetInfo, TensorBatchLoader, load_dataset
 from reslab.device import pick_amp
@@ -65,7 +66,9 @@ def main() -> None:
     print("median", "  ".join(f"{k} {v:.2%}" for k, v in median.items()))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"checkpoints": runs, "median": median}, indent=2) + "\n")
+    out.write_text(
+        json.dumps({"provenance": machine.record("cpu"), "checkpoints": runs, "median": median}, indent=2) + "\n"
+    )
     print(f"wrote {out}")
 
 

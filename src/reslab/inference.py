@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from reslab.analysis.plots import plot_confusion_matrix
@@ -17,9 +16,15 @@ from reslab.checkpoint import load_checkpoint, model_from_checkpoint
 from reslab.data import DataBundle, DatasetInfo, FolderBatchLoader, TensorBatchLoader, load_dataset
 from reslab.data.datasets import recorded_data_dir
 from reslab.data.folder import TransformSubset, info_transform, whole_image_folder
+from reslab.data.verify import DEFAULT_MAX_IMAGE_PIXELS, read_image
 from reslab.device import pick_amp, pick_device
 from reslab.errors import ReslabError
 from reslab.train.engine import EvalResult, autocast, evaluate
+
+
+def _max_pixels(cfg: dict[str, Any]) -> int:
+    """The run's decompression-bomb limit: image files are read for eval and predict as training read them."""
+    return cfg.get("max_image_pixels") or DEFAULT_MAX_IMAGE_PIXELS
 
 
 def _bundle(ckpt: dict[str, Any], name: str, data_dir: str | None) -> DataBundle:
@@ -33,6 +38,8 @@ def _bundle(ckpt: dict[str, Any], name: str, data_dir: str | None) -> DataBundle
         download=cfg["download"],
         image_size=cfg.get("image_size"),
         in_chans=cfg.get("in_chans"),
+        on_bad_image=cfg.get("on_bad_image", "skip"),
+        max_image_pixels=_max_pixels(cfg),
     )
     if bundle.info.classes != info.classes:
         raise ReslabError(f"{name} has classes {bundle.info.classes[:5]}..., the checkpoint {info.classes[:5]}...")
@@ -47,7 +54,7 @@ def _split(ckpt: dict[str, Any], name: str, data_dir: str | None, split: str) ->
         if split == "val":
             raise ReslabError("--split val needs the folder the model was trained on; another folder is all test")
         # Another folder than the one trained on: every image in it (or in its test/ folder) is scored.
-        return whole_image_folder(data_dir, info.classes), False
+        return whole_image_folder(data_dir, info.classes, max_image_pixels=_max_pixels(cfg)), False
     bundle = _bundle(ckpt, name, data_dir)
     data = {"test": bundle.test, "val": bundle.val, "train": bundle.train}[split]
     if data is None:
@@ -268,15 +275,12 @@ def predict_images(
     to_input = info_transform(info)
     if info.image_size[0] != info.image_size[1]:
         raise ReslabError("predict supports models trained on square images")
+    # read_image: training's checks (empty, truncated, not an image, above --max-image-pixels), one line each
+    max_pixels = _max_pixels(ckpt["config"])
     batch = []
     for image_path in images:
-        try:
-            with Image.open(image_path) as im:
-                batch.append(to_input(im))
-        except FileNotFoundError:
-            raise ReslabError(f"image not found: {image_path}") from None
-        except (UnidentifiedImageError, OSError) as err:
-            raise ReslabError(f"{image_path} is not a readable image: {err}") from None
+        with read_image(str(image_path), max_pixels=max_pixels) as im:
+            batch.append(to_input(im))
     model, amp = inference_model(ckpt, dev, precision=precision, backend=backend, compile=compile, data_dir=data_dir)
     k = max(1, min(topk, info.num_classes))
     with torch.no_grad(), autocast(dev, amp):

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import os
-import struct
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +14,7 @@ from reslab.data import load_dataset, verify
 from reslab.data.folder import BadSample, load_image_folder, whole_image_folder
 from reslab.data.verify import check_images, read_image, write_bad_images
 from reslab.errors import ReslabError
+from tests.data.bad_files import noise_jpeg, png_header
 from tests.data.fixtures import write_image_folder
 
 
@@ -24,24 +22,6 @@ from tests.data.fixtures import write_image_folder
 def _private_cache(tmp_path, monkeypatch):
     """Keep the check's cache out of the real home folder."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A 70-byte PNG whose header promises width x height RGB pixels: a decompression bomb's disguise."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
-
-
-def noise_jpeg(size: int = 64) -> bytes:
-    """A real JPEG big enough that half of it ends inside the compressed pixels, not the header."""
-    pixels = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, "JPEG")
-    return out.getvalue()
 
 
 def add_bad_files(root: Path) -> dict[str, str]:

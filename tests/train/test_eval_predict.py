@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from reslab.cli import main
+from tests.data.bad_files import png_header, truncated_jpeg
 
 TINY = [
     "--model",
@@ -133,11 +134,24 @@ def test_unknown_recipe_key_suggests_the_right_one(tmp_path, capsys):
     assert "unknown option(s) epochz (did you mean epochs?)" in capsys.readouterr().err
 
 
-def test_predict_unreadable_image(trained, tmp_path, capsys):
-    bad = tmp_path / "bad.png"
-    bad.write_bytes(b"not an image")
-    assert main(["predict", str(trained / "best.pt"), str(bad)]) == 2
-    assert "bad.png is not a readable image" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        ("bad.png", b"not an image", "not an image: "),
+        ("empty.png", b"", "empty file (0 bytes)"),
+        ("truncated.jpg", truncated_jpeg(), "truncated: "),
+        ("bomb.png", png_header(12_000, 12_000), "too large: 12000x12000 pixels is above --max-image-pixels"),
+        ("missing.png", None, "unreadable: No such file or directory"),
+    ],
+)
+def test_predict_reads_image_files_through_trainings_checks(trained, tmp_path, capsys, name, content, reason):
+    """predict meets a bad file as training does (``data.verify.read_image``): one line naming it and why."""
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    assert main(["predict", str(trained / "best.pt"), str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"reslab: error: {path}: {reason}") and err.count("\n") == 1, err
 
 
 def test_resume_from_the_command_line(trained, tiny_fashion, tmp_path, capsys):

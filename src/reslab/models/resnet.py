@@ -101,7 +101,24 @@ class ResNet(nn.Module):
         self.relu = nn.Identity() if self.preact else nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
 
-        # Stages: the first keeps the resolution, each later one halves it in its first block.
+        self.num_features = self._add_stages(block_cls, stem_width)
+        in_channels = self.num_features
+
+        # v2 ends with the BN-ReLU that no block applied to the last sum (He et al. 2016, Sec. 4).
+        self.final_bn = nn.BatchNorm2d(in_channels) if self.preact else None
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(in_channels, num_classes)
+
+        self._init_weights(zero_init_residual)
+        self.frozen: tuple[str, ...] = ()  # parts kept fixed (``freeze``): no gradient, BatchNorm in eval mode
+
+    def _add_stages(self, block_cls: type[nn.Module], stem_width: int) -> int:
+        """``layer1`` .. ``layerN`` from ``self.config``; returns the channels of the last stage's output.
+
+        The first stage keeps the resolution, each later one halves it in its first block.
+        """
+        cfg = self.config
+        layers, widths, residual = cfg["layers"], cfg["widths"], cfg["residual"]
         num_blocks = sum(layers)
         in_channels = stem_width
         block_index = 0
@@ -118,15 +135,15 @@ class ResNet(nn.Module):
                         in_channels=in_channels,
                         planes=width,
                         stride=stride,
-                        shortcut=self._make_shortcut(in_channels, out_channels, stride, shortcut)
+                        shortcut=self._make_shortcut(in_channels, out_channels, stride, cfg["shortcut"])
                         if needs_shortcut
                         else None,
                         residual=residual,
-                        groups=groups,
-                        base_width=width_per_group,
-                        stride_in_1x1=version == "v1",
-                        drop_path=drop_path_rate * block_index / max(num_blocks - 1, 1),
-                        dropout=dropout,
+                        groups=cfg["groups"],
+                        base_width=cfg["width_per_group"],
+                        stride_in_1x1=cfg["version"] == "v1",
+                        drop_path=cfg["drop_path_rate"] * block_index / max(num_blocks - 1, 1),
+                        dropout=cfg["dropout"],
                     )
                 )
                 in_channels = out_channels
@@ -135,15 +152,7 @@ class ResNet(nn.Module):
             self.add_module(name, nn.Sequential(*blocks))
             self.stage_names.append(name)
             self.stage_channels.append(in_channels)
-        self.num_features = in_channels
-
-        # v2 ends with the BN-ReLU that no block applied to the last sum (He et al. 2016, Sec. 4).
-        self.final_bn = nn.BatchNorm2d(in_channels) if self.preact else None
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(in_channels, num_classes)
-
-        self._init_weights(zero_init_residual)
-        self.frozen: tuple[str, ...] = ()  # parts kept fixed (``freeze``): no gradient, BatchNorm in eval mode
+        return in_channels
 
     def _make_shortcut(self, in_channels: int, out_channels: int, stride: int, option: str) -> nn.Module:
         if option == "A":

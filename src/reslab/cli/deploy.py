@@ -1,5 +1,5 @@
-"""``reslab export`` and ``reslab bench``: the deployment commands, wired from ``reslab.deploy`` (kept apart from
-``cli.py`` so that neither file grows past a screenful of commands)."""
+"""``reslab export`` and ``reslab bench``: the deployment commands, wired from ``reslab.deploy``, and the
+``--precision`` flags that ``eval`` and ``predict`` share with them."""
 
 from __future__ import annotations
 
@@ -188,8 +188,11 @@ def _write_results(report, path: Path, fmt: str | None, argv: list[str]) -> None
     fmt = fmt or ("csv" if path.suffix == ".csv" else "json")
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "json":
-        payload = {"command": "reslab " + shlex.join(argv), "machine": report.machine, "peaks": report.peaks,
-                   "rows": report.rows}  # fmt: skip
+        from reslab.machine import record
+
+        provenance = {**record(report.machine["device"], command="reslab " + shlex.join(argv), peak=False),
+                      "machine": {**report.machine, "fp32_matmul_gflops": round(report.peaks["fp32"], 1)}}
+        payload = {"provenance": provenance, "peaks": report.peaks, "rows": report.rows}  # fmt: skip
         path.write_text(json.dumps(payload, indent=2) + "\n")
     else:
         columns = list(dict.fromkeys(k for row in report.rows for k in row))
@@ -200,7 +203,7 @@ def _write_results(report, path: Path, fmt: str | None, argv: list[str]) -> None
     print(f"wrote {path}")
 
 
-def add_deploy_parsers(sub) -> None:
+def add_parsers(sub) -> None:
     """The ``export`` and ``bench`` subcommands."""
     p = sub.add_parser("export", help="write a checkpoint as ONNX (fp32 or int8) or safetensors, ready to ship")
     p.add_argument("checkpoint")
