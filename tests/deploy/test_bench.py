@@ -30,8 +30,8 @@ def test_bench_writes_every_backend_with_ratios(checkpoint_path, tmp_path):
     assert TIMM_COLUMNS | {"param_count", "ratio", "gflops", "peak_share"} <= set(rows[0])
     assert rows[0]["ratio"] == 1.0 and all(r["infer_samples_per_sec"] > 0 for r in rows)
     assert rows[0]["infer_img_size"] == 28 and rows[0]["infer_batch_size"] == 2
-    assert report["peaks"]["fp32"] > 0 and report["machine"]["threads"] == 2
-    assert "cpu_flags" in report["machine"] and report["command"].startswith("reslab bench")
+    assert report["peaks"]["fp32"] > 0 and report["provenance"]["machine"]["threads"] == 2
+    assert "cpu_flags" in report["provenance"]["machine"] and report["provenance"]["command"].startswith("reslab bench")
 
 
 def test_bench_csv_and_training(tmp_path):

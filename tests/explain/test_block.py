@@ -8,7 +8,8 @@ from torch import nn
 
 from reslab.errors import ReslabError
 from reslab.explain import block as explain_block
-from reslab.explain.block import _by_hand, _path_gradients
+from reslab.explain.block_backward import path_gradients
+from reslab.explain.block_batchnorm import WARM_PASSES, by_hand
 from reslab.explain.common import dataset_info, real_images
 from reslab.models import create_model
 from reslab.models.blocks import BLOCKS
@@ -27,7 +28,7 @@ def test_identity_path_and_the_sum_of_both_paths(kind, version):
     blk = small_block(kind, version)
     x = torch.randn(3, 8, 5, 5, dtype=torch.float64)
     grad_y = torch.randn(3, 8, 5, 5, dtype=torch.float64)
-    g = _path_gradients(blk, x, grad_y)
+    g = path_gradients(blk, x, grad_y)
 
     # autograd's dL/dx of L = <grad_y, block(x)>, computed here on its own
     leaf = x.clone().requires_grad_()
@@ -63,7 +64,7 @@ def test_batchnorm_train_mode_uses_batch_mean_and_biased_variance():
     torch.testing.assert_close(bn.running_mean, 0.9 * start_mean + 0.1 * mean, rtol=0, atol=1e-12)
     torch.testing.assert_close(bn.running_var, 0.9 * start_var + 0.1 * biased * n / (n - 1), rtol=0, atol=1e-12)
 
-    found = _by_hand(bn, z, out, start_mean, start_var)  # what `measure` reports: the same checks
+    found = by_hand(bn, z, out, start_mean, start_var)  # what `measure` reports: the same checks
     assert found["values_per_channel"] == n
     assert found["max_diff_hand_biased"] < 1e-12 and found["max_diff_hand_unbiased"] > 1e-3
     assert found["max_diff_running_mean"] < 1e-12 and found["max_diff_running_var"] < 1e-12
@@ -86,7 +87,7 @@ def test_fresh_block_numbers(fresh_v1):
     assert max(bn["max_diff_running_mean"], bn["max_diff_running_var"]) < 1e-5
     assert bn["running_start"] == {"mean": 0.0, "var": 1.0}  # a fresh block's statistics, untouched by measuring
     gaps = [row["rel_gap"] for row in bn["warmup"]]
-    assert [row["passes"] for row in bn["warmup"]] == list(explain_block.WARM_PASSES)
+    assert [row["passes"] for row in bn["warmup"]] == list(WARM_PASSES)
     assert gaps[-1] < 0.5 * gaps[0]  # warming the running stats closes the train/eval gap
     assert bn["out_std"]["bn1"]["train"] == pytest.approx(1, abs=0.05)  # batch stats normalize (gamma = 1)
     plain = result["plain"]

@@ -110,6 +110,7 @@ def test_explain_command_writes_numbers_figure_page_and_overview(tmp_path, capsy
     printed = capsys.readouterr().out
     numbers = json.loads((out / "block.json").read_text())
     assert numbers["experiment"] == "block" and numbers["shape"] == [2, 8, 6, 6]
+    assert numbers["provenance"]["machine"]["fp32_matmul_gflops"] > 0  # the machine a claim holds on
     assert numbers["summary"][0] in printed and (out / "block.png").is_file()
     assert numbers["uncertainty"].startswith("none to estimate: these are exact numerical checks")
     page = (out / "index.html").read_text()
@@ -165,7 +166,7 @@ def test_explain_all_writes_every_experiment_an_index_and_its_times(shipped, tmp
     record = run_all(tmp_path / "x", data_dir=shipped, options=TINY, echo=printed.append)
     root = tmp_path / "x"
     assert list(record["seconds"]) == list(EXPERIMENTS) and record["total_seconds"] >= max(record["seconds"].values())
-    assert json.loads((root / "all.json").read_text()) == record and record["machine"]["cpu"]
+    assert json.loads((root / "all.json").read_text()) == record and record["provenance"]["machine"]["cpu"]
     index = (root / "index.html").read_text()
     for what in EXPERIMENTS:
         assert f'href="{what}/index.html"' in index and (root / what / f"{what}.json").is_file()

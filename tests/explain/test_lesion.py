@@ -14,7 +14,7 @@ from torch import nn
 from reslab.errors import ReslabError
 from reslab.explain import lesion
 from reslab.explain.common import accuracy, load_subject, real_images, residual_blocks
-from reslab.explain.lesion import _lesioned, _predictions, _run_from
+from reslab.explain.lesion_surgery import lesioned, predictions, run_from
 from reslab.models import create_model
 from reslab.models.blocks import ZeroPadShortcut
 from tests.data.fixtures import write_mnist_like
@@ -52,9 +52,9 @@ def test_deleted_block_is_the_block_with_its_residual_branch_at_zero(model_name)
     model = _tiny(model_name)
     x = torch.randn(4, 1, 12, 12)
     for name, _ in residual_blocks(model):
-        with torch.no_grad(), _lesioned(model, delete=[name]):
-            lesioned = model(x)
-        assert torch.equal(lesioned, _zero_branch_copy(model, name)(x)), name
+        with torch.no_grad(), lesioned(model, delete=[name]):
+            out = model(x)
+        assert torch.equal(out, _zero_branch_copy(model, name)(x)), name
 
 
 def test_downsampling_block_of_option_a_net_is_deleted_to_its_shortcut():
@@ -62,7 +62,7 @@ def test_downsampling_block_of_option_a_net_is_deleted_to_its_shortcut():
     block = model.layer2[0]
     assert isinstance(block.downsample, ZeroPadShortcut)
     h = torch.relu(torch.randn(3, 16, 12, 12))  # a block's input in v1 is a ReLU output
-    with torch.no_grad(), _lesioned(model, delete=["layer2.0"]):
+    with torch.no_grad(), lesioned(model, delete=["layer2.0"]):
         out = block(h)
     # The ReLU after the sum acts on shortcut(x) >= 0: the deleted block is the shortcut itself.
     assert out.shape == (3, 32, 6, 6)
@@ -73,7 +73,7 @@ def test_downsampling_block_of_option_a_net_is_deleted_to_its_shortcut():
 def test_deleted_plain_block_is_the_identity_or_the_option_a_map():
     model = _tiny("plain20")
     h = torch.randn(3, 16, 12, 12)
-    with torch.no_grad(), _lesioned(model, delete=["layer1.1", "layer2.0"]):
+    with torch.no_grad(), lesioned(model, delete=["layer1.1", "layer2.0"]):
         assert torch.equal(model.layer1[1](h), h)
         expected = ZeroPadShortcut(in_channels=16, out_channels=32, stride=2)(h)
         assert torch.equal(model.layer2[0](h), expected)
@@ -86,9 +86,9 @@ def test_model_is_unchanged_after_the_context_even_on_error():
         before = model(x)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     all_names = [name for name, _ in residual_blocks(model)]
-    with _lesioned(model, delete=all_names, swap=[("layer1.0", "layer1.1")]):
+    with lesioned(model, delete=all_names, swap=[("layer1.0", "layer1.1")]):
         pass
-    with pytest.raises(RuntimeError), _lesioned(model, delete=all_names[:3]):
+    with pytest.raises(RuntimeError), lesioned(model, delete=all_names[:3]):
         raise RuntimeError("inside")
     assert all("forward" not in block.__dict__ for _, block in residual_blocks(model))
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
@@ -102,9 +102,9 @@ def test_swapped_pair_runs_in_exchanged_order():
     with torch.no_grad():
         h = model.layer1[0](model.layer1[1](model.forward_stem(x)))  # block 1 first, then block 0
         expected = model.forward_head(model.layer3(model.layer2(h)))
-        with _lesioned(model, swap=[("layer1.0", "layer1.1")]):
+        with lesioned(model, swap=[("layer1.0", "layer1.1")]):
             assert torch.equal(model(x), expected)
-    with pytest.raises(ValueError, match="cannot be swapped"), _lesioned(model, swap=[("layer2.0", "layer2.1")]):
+    with pytest.raises(ValueError, match="cannot be swapped"), lesioned(model, swap=[("layer2.0", "layer2.1")]):
         pass
 
 
@@ -114,9 +114,9 @@ def test_run_from_a_block_equals_the_model_forward():
     blocks = [b for _, b in residual_blocks(model)]
     with torch.no_grad():
         h = model.forward_stem(x)
-        assert torch.equal(_run_from(model, blocks, 0, h), model(x))
+        assert torch.equal(run_from(model, blocks, 0, h), model(x))
         h = blocks[1](blocks[0](h))
-        assert torch.equal(_run_from(model, blocks, 2, h), model(x))
+        assert torch.equal(run_from(model, blocks, 2, h), model(x))
 
 
 def test_predictions_sharing_the_untouched_blocks_equal_the_full_lesioned_forward():
@@ -129,9 +129,9 @@ def test_predictions_sharing_the_untouched_blocks_equal_the_full_lesioned_forwar
         {"swap": [("layer1.0", "layer1.1")]},
         {"delete": ["layer1.0"]},
     ]
-    predicted = _predictions(model, x, lesions, batch_size=16)  # three batches, the last one short
+    predicted = predictions(model, x, lesions, batch_size=16)  # three batches, the last one short
     for row, spec in zip(predicted, lesions, strict=True):
-        with torch.no_grad(), _lesioned(model, **spec):
+        with torch.no_grad(), lesioned(model, **spec):
             assert torch.equal(row, model(x).argmax(1)), spec
 
 
@@ -156,7 +156,7 @@ def test_measure_counts_every_lesion_and_its_baseline_is_the_models_accuracy(dat
     subject = load_subject(model="resnet20", data_dir=data_dir, seed=0)
     x, y = real_images(subject.info, split="test", count=16, seed=0, data_dir=data_dir)
     assert resnet["baseline"] == accuracy(subject.model, x, y)
-    with _lesioned(subject.model, delete=["layer2.0"]):
+    with lesioned(subject.model, delete=["layer2.0"]):
         assert resnet["single"][3] == accuracy(subject.model, x, y)
     assert resnet["kind"] == "fresh" and not resnet["trained"]
     lines = lesion.summarize(result)
@@ -180,7 +180,7 @@ def test_every_accuracy_has_its_standard_error(data_dir):
         intact = (subject.model(x).argmax(1) == y).double()
         rows = []
         for name in net["blocks"]:
-            with _lesioned(subject.model, delete=[name]):
+            with lesioned(subject.model, delete=[name]):
                 rows.append((subject.model(x).argmax(1) == y).double())
     per_image = torch.stack(rows).mean(0)
     mean = net["single_mean"]

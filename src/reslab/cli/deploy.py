@@ -190,8 +190,10 @@ def _write_results(report, path: Path, fmt: str | None, argv: list[str]) -> None
     if fmt == "json":
         from reslab.machine import record
 
-        provenance = {**record(report.machine["device"], command="reslab " + shlex.join(argv), peak=False),
-                      "machine": {**report.machine, "fp32_matmul_gflops": round(report.peaks["fp32"], 1)}}
+        provenance = {
+            **record(report.machine["device"], command="reslab " + shlex.join(argv), peak=False),
+            "machine": {**report.machine, "fp32_matmul_gflops": round(report.peaks["fp32"], 1)},
+        }
         payload = {"provenance": provenance, "peaks": report.peaks, "rows": report.rows}  # fmt: skip
         path.write_text(json.dumps(payload, indent=2) + "\n")
     else:

@@ -39,8 +39,9 @@ def add_parsers(sub) -> None:
 
 
 def cmd_explain(args: argparse.Namespace) -> None:
-    from reslab.explain.common import save
+    from reslab.explain.common import device_of, save
     from reslab.explain.options import destination
+    from reslab.machine import record
 
     experiment = importlib.import_module(f"reslab.explain.{args.what}")
     dests = [destination(flag, kwargs) for flag, kwargs in args.options.items()]
@@ -50,7 +51,7 @@ def cmd_explain(args: argparse.Namespace) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = experiment.plot(result, out_dir)
     summary = experiment.summarize(result)
-    written = save(args.what, result, figures, summary, out_dir)
+    written = save(args.what, result, figures, summary, out_dir, provenance=record(device_of(args.device)))
     for line in summary:
         print(line)
     print(f"wrote {', '.join(str(f) for f in figures)}, {written['json']} and {written['html']}")

@@ -17,7 +17,12 @@ from torch import Tensor, nn
 
 from reslab.errors import ReslabError
 from reslab.explain.common import device_of, load_subject, real_images
+from reslab.explain.options import declare
 from reslab.models.blocks import BasicBlock
+
+# `reslab explain backprop`: what it shows and the options it takes (each fills the keyword of ``measure``).
+ABOUT = "conv, BatchNorm, ReLU, residual sum and classifier backward by hand, checked against autograd"
+OPTIONS = declare("--checkpoint", "--data-dir")
 
 TOLERANCE = 1e-5  # the bar for float64; the measured differences are ~1e-15
 EXACT = "none to estimate: each line is an exact numerical check of a formula against autograd on fixed tensors"

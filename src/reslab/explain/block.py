@@ -6,10 +6,11 @@ net, shipped or a checkpoint, fed with the activations real test images give it)
 - forward: ``y = merge(F(x), shortcut(x))``, with the statistics of each tensor;
 - BatchNorm: train mode normalizes with the batch mean and the biased batch variance, and moves the running
   statistics by ``momentum = 0.1`` towards the batch's (variance made unbiased, times ``n / (n - 1)``); eval
-  mode uses the running ones. How far the two outputs are apart, and how warming the running stats closes it;
+  mode uses the running ones. How far the two outputs are apart, and how warming the running stats closes it
+  (measured in ``block_batchnorm``);
 - backward: ``dL/dx = dL/dx|identity + dL/dx|residual`` (He et al. 2016, eq. 5: the gradient reaching x through
   the shortcut is dL/dy itself when nothing follows the sum, as in v2), against autograd, and against the same
-  block without its shortcut.
+  block without its shortcut (measured in ``block_backward``).
 """
 
 from __future__ import annotations
@@ -24,11 +25,34 @@ import torch
 from torch import Tensor, nn
 
 from reslab.errors import ReslabError
+from reslab.explain.block_backward import backward, plain
+from reslab.explain.block_batchnorm import batchnorm
 from reslab.explain.common import Subject, device_of, load_subject, load_subjects, real_images, residual_blocks
+from reslab.explain.options import declare
 from reslab.models.blocks import BLOCKS
 
+# `reslab explain block`: what it shows and the options it takes (each fills the keyword of ``measure``).
+ABOUT = "one residual block step by step: forward, BatchNorm train vs eval, backward through both paths"
+OPTIONS = declare(
+    "--checkpoint",
+    "--data-dir",
+    block=dict(choices=("basic", "bottleneck"), default="bottleneck"),
+    version=dict(choices=("v1", "v2"), default="v1", help="v1: ReLU after the sum; v2: pre-activation"),
+    shape=dict(
+        nargs=4,
+        type=int,
+        default=None,
+        metavar=("N", "C", "H", "W"),
+        help="input shape (default: 8 256 56 56 for a bottleneck, 8 64 56 56 for a basic block)",
+    ),
+    model=dict(default=None, help="the shipped trained net whose block to study (default with --block-name: resnet56)"),
+    block_name=dict(
+        default=None,
+        help="a trained net's block, e.g. layer2.0: of --checkpoint, or of the shipped --model (default: the first)",
+    ),
+)
+
 DEFAULT_SHAPES = {"bottleneck": (8, 256, 56, 56), "basic": (8, 64, 56, 56)}  # the notes' example for a bottleneck
-WARM_PASSES = (0, 1, 2, 4, 8, 16, 32)  # running stats keep 0.9^k of their start after k passes
 CHECKPOINT_IMAGES = 64  # real test images whose activations feed a trained block
 SHIPPED_MODEL = "resnet56"  # the shipped trained net whose block --block-name picks without --checkpoint
 EXACT = (
@@ -81,15 +105,15 @@ def measure(
     with torch.no_grad():  # in eval mode: a train-mode pass would move the running statistics before they are read
         out_shape = copy.deepcopy(blk).eval()(x).shape
     r = torch.randn(out_shape, generator=torch.Generator().manual_seed(seed + 1)).to(dev)
-    backward = _backward(copy.deepcopy(blk), x, r)
+    through_paths = backward(copy.deepcopy(blk), x, r)
     return {
         **about,
         "shape": list(x.shape),
         "uncertainty": EXACT,
         "forward": _forward(copy.deepcopy(blk), x),
-        "batchnorm": _batchnorm(copy.deepcopy(blk), x, draw),
-        "backward": backward,
-        "plain": _plain(copy.deepcopy(blk), x, r, backward),
+        "batchnorm": batchnorm(copy.deepcopy(blk), x, draw),
+        "backward": through_paths,
+        "plain": plain(copy.deepcopy(blk), x, r, through_paths),
     }
 
 
@@ -197,177 +221,6 @@ def _forward(blk: nn.Module, x: Tensor) -> dict[str, Any]:
         "stats": {k: _stats(t) for k, t in parts.items()},
         "branch_to_shortcut_norm": float(branch.norm() / identity.norm()),  # how much the block changes x
         "histogram": {"edges": torch.linspace(lo, hi, HIST_BINS + 1).tolist(), **hist},
-    }
-
-
-def _norms(blk: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
-    """The block's BatchNorms in forward order (bn1 is after conv1 in v1, on the raw input in v2)."""
-    return [(name, m) for name, m in blk.named_modules() if isinstance(m, nn.BatchNorm2d)]
-
-
-def _run_watching_norms(blk: nn.Module, x: Tensor, seen: dict[str, Any]) -> Tensor:
-    """``blk(x)`` (in its current mode), recording each BN's output std (mean over channels) into ``seen``,
-    and bn1's input and output. Recorded inside the hooks: v1 blocks apply an in-place ReLU right after."""
-
-    def record(name: str):
-        def hook(module, args, out):
-            seen[name] = float(out.transpose(0, 1).flatten(1).std(1).mean())
-            if name == "bn1":
-                seen["bn1_in"], seen["bn1_out"] = args[0].detach().clone(), out.detach().clone()
-
-        return hook
-
-    hooks = [m.register_forward_hook(record(name)) for name, m in _norms(blk)]
-    with torch.no_grad():
-        y = blk(x)
-    for hook in hooks:
-        hook.remove()
-    return y
-
-
-def _batchnorm(blk: nn.Module, x: Tensor, draw: Callable[[], Tensor] | None) -> dict[str, Any]:
-    """bn1 by hand in train mode and its running-stat update; every BN's output std and the block's output in
-    eval vs train mode, before and after warming the running stats (fresh blocks only)."""
-    bn = blk.bn1
-    start_mean, start_var = bn.running_mean.clone(), bn.running_var.clone()
-    in_eval: dict[str, Any] = {}
-    in_train: dict[str, Any] = {}
-    y_eval = _run_watching_norms(blk.eval(), x, in_eval)
-    y_train = _run_watching_norms(blk.train(), x, in_train)  # one momentum update of every running stat
-    result = {"name": "bn1", "momentum": bn.momentum, "eps": bn.eps}
-    result.update(_by_hand(bn, in_train["bn1_in"], in_train["bn1_out"], start_mean, start_var))
-    result["running_start"] = {"mean": float(start_mean.mean()), "var": float(start_var.mean())}
-    result["warmup"] = _warmup(blk, x, y_train, y_eval, draw)
-    in_warm: dict[str, Any] = {}
-    if draw is not None:
-        _run_watching_norms(blk.eval(), x, in_warm)
-    names = [name for name, _ in _norms(blk)]
-    result["out_std"] = {
-        name: {"train": in_train[name], "eval": in_eval[name], "eval_warm": in_warm.get(name)} for name in names
-    }
-    return result
-
-
-def _by_hand(bn: nn.BatchNorm2d, z: Tensor, out: Tensor, start_mean: Tensor, start_var: Tensor) -> dict[str, Any]:
-    """Train-mode BN as ``gamma * (z - mean) / sqrt(var + eps) + beta`` with the batch's mean and biased
-    variance (means over N, H, W), and the running update ``(1 - m) * old + m * batch`` with the unbiased one.
-
-    z, out: bn1's input and output (N, C, H, W); start_*: its running stats before that pass (C,).
-    """
-    dims = (0, 2, 3)
-    n = z.numel() // z.shape[1]  # values per channel: N * H * W
-    mean, var = z.mean(dims), z.var(dims, unbiased=False)
-    gamma, beta = bn.weight.detach()[:, None, None], bn.bias.detach()[:, None, None]
-
-    def normalize(v: Tensor) -> Tensor:
-        return (z - mean[:, None, None]) / torch.sqrt(v[:, None, None] + bn.eps) * gamma + beta
-
-    m = bn.momentum
-    want_mean = (1 - m) * start_mean + m * mean
-    want_var = (1 - m) * start_var + m * var * n / (n - 1)
-    return {
-        "values_per_channel": n,
-        "batch_mean": float(mean.mean()),  # averaged over channels
-        "batch_var_biased": float(var.mean()),
-        "max_diff_hand_biased": float((normalize(var) - out).abs().max()),
-        # the unbiased variance in its place, for contrast: train mode does not use it
-        "max_diff_hand_unbiased": float((normalize(var * n / (n - 1)) - out).abs().max()),
-        "max_diff_running_mean": float((want_mean - bn.running_mean).abs().max()),
-        "max_diff_running_var": float((want_var - bn.running_var).abs().max()),
-    }
-
-
-def _rel_gap(a: Tensor, b: Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
-def _warmup(blk: nn.Module, x: Tensor, y_train: Tensor, y_eval: Tensor, draw) -> list[dict[str, float]]:
-    """The eval-mode output against the train-mode one after k train-mode passes (the pass on x is the first;
-    then new batches like x). A train-mode output does not depend on the running stats, so ``y_train`` holds.
-    Without ``draw`` (a trained block) only k = 0 is measured: its running stats are already warm."""
-    bn = blk.bn1
-    rows = [{"passes": 0, "rel_gap": _rel_gap(y_eval, y_train), "max_abs_gap": float((y_eval - y_train).abs().max())}]
-    if draw is None:
-        return rows
-    with torch.no_grad():
-        for k in range(1, max(WARM_PASSES) + 1):
-            if k > 1:
-                blk.train()(draw())
-            if k in WARM_PASSES:
-                y = blk.eval()(x)
-                rows.append(
-                    {
-                        "passes": k,
-                        "rel_gap": _rel_gap(y, y_train),
-                        "max_abs_gap": float((y - y_train).abs().max()),
-                        "bn1_running_var": float(bn.running_var.mean()),
-                    }
-                )
-    return rows
-
-
-def _backward(blk: nn.Module, x: Tensor, r: Tensor) -> dict[str, Any]:
-    """L = sum(r * y): dL/dy = r. The gradient reaching x through each path, as vector-Jacobian products.
-
-    The sum's two inputs are cut from the graph, so dL/d(shortcut) and dL/dF are the gradients at the sum;
-    then each is carried back to x through its own path only.
-    """
-    grads = _path_gradients(blk.train(), x, r)
-    result = {
-        "loss": "L = sum(r * y), r ~ N(0, 1) fixed, so dL/dy = r",
-        "mode": "train",
-        "norms": {k: float(v.norm()) for k, v in grads.items() if k != "y"},
-        "max_diff_sum_vs_autograd": float((grads["via_identity"] + grads["via_residual"] - grads["dL/dx"]).abs().max()),
-        "max_abs_dL/dx": float(grads["dL/dx"].abs().max()),  # the scale of that difference
-        "identity_is_x": blk.downsample is None,
-        "relu_after_sum": not blk.preact,
-    }
-    if blk.downsample is None:
-        mask = (grads["y"] > 0).to(r.dtype)  # v1: the final ReLU passes dL/dy only where y > 0
-        result["identity_equals_dL_dy"] = torch.equal(grads["via_identity"], r)
-        result["identity_equals_masked_dL_dy"] = torch.equal(grads["via_identity"], r * mask)
-        result["frac_masked_by_relu"] = float(1 - mask.mean()) if not blk.preact else 0.0
-    return result
-
-
-def _path_gradients(blk: nn.Module, x: Tensor, grad_y: Tensor) -> dict[str, Tensor]:
-    """Gradients at x of ``<grad_y, blk(x)>``: through the shortcut, through F, and autograd's whole dL/dx.
-
-    Returns tensors shaped like x (dL/dy and y shaped like the output).
-    """
-    x = x.detach().clone().requires_grad_()
-    branch, identity = blk.paths(x)
-    branch_in, identity_in = branch.detach().requires_grad_(), identity.detach().requires_grad_()
-    y = blk.merge(branch_in, identity_in)
-    g_branch, g_identity = torch.autograd.grad(y, [branch_in, identity_in], grad_y)
-    via_identity = torch.autograd.grad(identity, x, g_identity, retain_graph=True)[0]  # identity is x: g itself
-    via_residual = torch.autograd.grad(branch, x, g_branch)[0]
-    whole = x.detach().clone().requires_grad_()
-    dx = torch.autograd.grad(blk(whole), whole, grad_y)[0]
-    return {
-        "dL/dy": grad_y,
-        "dL/d(sum)": g_identity,
-        "via_identity": via_identity,
-        "via_residual": via_residual,
-        "dL/dx": dx,
-        "y": y.detach(),
-    }
-
-
-def _plain(blk: nn.Module, x: Tensor, r: Tensor, backward: dict[str, Any]) -> dict[str, Any]:
-    """The same weights without the shortcut (``residual=False``): y = F(x) (then ReLU in v1)."""
-    blk.residual = False
-    x = x.detach().clone().requires_grad_()
-    y = blk.train()(x)
-    dx = torch.autograd.grad(y, x, r)[0]
-    plain_norm = float(dx.norm())
-    residual_norm = backward["norms"]["dL/dx"]
-    return {
-        "dL/dx_norm": plain_norm,
-        "residual_dL/dx_norm": residual_norm,
-        "ratio_residual_to_plain": residual_norm / plain_norm,
-        "gain": plain_norm / float(r.norm()),
-        "residual_gain": residual_norm / float(r.norm()),
     }
 
 

@@ -325,9 +325,16 @@ def _jsonable(value: Any) -> Any:
 
 
 def save(
-    what: str, result: dict[str, Any], figures: list[Path], summary: list[str], out_dir: str | Path
+    what: str,
+    result: dict[str, Any],
+    figures: list[Path],
+    summary: list[str],
+    out_dir: str | Path,
+    *,
+    provenance: dict[str, Any],
 ) -> dict[str, Path]:
-    """Write ``<what>.json`` (the numbers and the summary) and ``index.html`` (figures and summary).
+    """Write ``<what>.json`` (``provenance``: ``reslab.machine.record()``'s command, commit, date and machine;
+    the numbers and the summary) and ``index.html`` (figures and summary).
 
     Returns the paths written: ``{"json": ..., "html": ...}``.
     """
@@ -336,7 +343,8 @@ def save(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / f"{what}.json"
-    json_path.write_text(json.dumps(_jsonable({"experiment": what, "summary": summary, **result}), indent=2) + "\n")
+    numbers = {"provenance": provenance, "experiment": what, "summary": summary, **result}
+    json_path.write_text(json.dumps(_jsonable(numbers), indent=2) + "\n")
     page = Page(f"reslab explain {what}")
     page.text(summary)
     for fig in figures:
@@ -366,7 +374,8 @@ def write_overview(root: Path) -> Path:
         run = json.loads(timings.read_text())
         load = run.get("load_average_at_start")
         busy = f", load average {load:.1f} at the start" if load is not None else ""
-        page.heading(f"Times of `reslab explain all` ({run['date']}, {run['machine']['cpu']}{busy})")
+        where = run["provenance"]
+        page.heading(f"Times of `reslab explain all` ({where['date']}, {where['machine']['cpu']}{busy})")
         rows = [(what, f"{seconds:.1f}") for what, seconds in run["seconds"].items()]
         page.table(["experiment", "seconds"], [*rows, ("all", f"{run['total_seconds']:.1f}")])
         page.link(timings.name, "the times and the machine (JSON)")
@@ -390,9 +399,10 @@ def run_all(
     Returns the contents of all.json.
     """
     from reslab.explain import EXPERIMENTS, reference
-    from reslab.machine import describe
+    from reslab.machine import record as machine_record
 
     check_shipped(SHIPPED_TWINS)  # before anything is written
+    provenance = machine_record(device_of(device), command="reslab explain all")
     load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # other work inflates the times
     root = Path(out_root)
     shared = {k: v for k, v in dict(device=device, seed=seed, data_dir=data_dir).items() if v is not None}
@@ -405,17 +415,15 @@ def run_all(
         result = module.measure(**{**kwargs, **(options or {}).get(what, {})})
         (root / what).mkdir(parents=True, exist_ok=True)
         summary = module.summarize(result)
-        save(what, result, module.plot(result, root / what), summary, root / what)
+        save(what, result, module.plot(result, root / what), summary, root / what, provenance=provenance)
         seconds[what] = round(time.perf_counter() - begun, 1)
         echo(f"== {what} ({seconds[what]:.1f} s)")
         for line in summary:
             echo(line)
     record = {
-        "command": "reslab explain all",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "provenance": provenance,
         "seconds": seconds,
         "total_seconds": round(time.perf_counter() - started, 1),
-        "machine": describe(torch.device(device_of(device))),
         "load_average_at_start": load_at_start,
         "shipped_weights": {k: reference.manifest()[k] for k in ("command", "commit", "date", "steps")},
     }

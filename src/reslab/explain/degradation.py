@@ -23,8 +23,28 @@ from pathlib import Path
 from typing import Any
 
 from reslab.errors import ReslabError
+from reslab.explain.options import declare
 from reslab.models import get_spec
 from reslab.train.budget import parse_budget
+
+# `reslab explain degradation`: what it shows and the options it takes (each fills the keyword of ``measure``).
+ABOUT = "train plain and residual nets of two depths alike (He et al. 2015, Fig. 1 and 6)"
+OPTIONS = declare(
+    "--depths",
+    "--dataset",
+    "--data-dir",
+    budget=dict(default=None, help="wall clock for the whole experiment, e.g. 20m (default), 90s, 1h"),
+    train_steps=dict(
+        type=int,
+        default=None,
+        dest="steps",
+        help="optimizer steps per model, in place of --budget (e.g. a count it printed)",
+    ),
+    train_subset=dict(type=int, default=None, help="training images per model (default 5000; 0: all)"),
+    recipe=dict(default=None, help="YAML training recipe shared by every model (default: the built-in one)"),
+    runs_dir=dict(default=None, metavar="DIR", help="where it trains (default runs/degradation)"),
+    retrain=dict(action="store_true", help="train again even where a finished run of the same recipe exists"),
+)
 
 DEFAULT_RUNS_DIR = "runs/degradation"  # where the fresh runs of this experiment go
 MAX_FINAL_TRAIN_IMAGES = 10_000  # the final training error's sample: no more than a test set's cost

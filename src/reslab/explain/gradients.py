@@ -8,7 +8,7 @@ Jacobians of every block above.
 
 For each depth the plain twin and the ResNet are built from the same seed (they have the same parameters, so
 they start from the same weights) and measured on one batch of real training images, in train mode (BatchNorm
-with the batch's statistics, as in training):
+with the batch's statistics, as in training; ``gradients_probe`` measures one batch):
 
 - the L2 norm of every conv and fc weight gradient, in depth order;
 - the L2 norm of ``dL/dx`` at each block's input (the first block's input is the stem's output);
@@ -27,14 +27,12 @@ float rounding, so the figure changes with the thread count). The ResNet's stay 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from reslab.errors import ReslabError
 from reslab.explain.common import (
@@ -50,7 +48,22 @@ from reslab.explain.common import (
     real_images,
     residual_blocks,
 )
+from reslab.explain.gradients_probe import gradient_norms, weighted_layers
+from reslab.explain.options import declare
 from reslab.models import ResNet, create_model
+
+# `reslab explain gradients`: what it shows and the options it takes (each fills the keyword of ``measure``).
+ABOUT = "per-layer gradient norms of plain and residual nets: fresh of several depths, and the shipped trained twins"
+OPTIONS = declare(
+    "--depths",
+    "--checkpoints",
+    "--fresh",
+    "--dataset",
+    "--data-dir",
+    steps=dict(type=int, default=None, help="training steps before the second measurement"),
+    batch_size=dict(type=int, default=None),
+    probes=dict(type=int, default=None, help="batches each state is measured on (default 3)"),
+)
 
 # He et al. 2015, Sec. 4.2 (CIFAR): SGD with lr 0.1 for batches of 128, momentum 0.9, weight decay 1e-4. The
 # lr scales with the batch (Goyal et al. 2017, "Accurate, Large Minibatch SGD", Sec. 2.1).
@@ -87,8 +100,8 @@ def measure(
 
     Returns ``{"groups": {"fresh" | "shipped" | "checkpoints": {"start", "steps", "models": {name: {"depth",
     "residual", "blocks", "layers", "init", "trained", "init_probes", "trained_probes", "train_loss"}}}}, ...}``
-    where ``init`` / ``trained`` hold the norms on the first batch (see ``_gradients``), ``*_probes`` the
-    headline numbers on every batch (see ``_headline``) and ``train_loss`` the loss of each step.
+    where ``init`` / ``trained`` hold the norms on the first batch (see ``gradients_probe.gradient_norms``),
+    ``*_probes`` the headline numbers on every batch (see ``_headline``) and ``train_loss`` the loss of each step.
     """
     _check(depths, steps, batch_size, probes)
     check_choice(checkpoints=checkpoints, runs_dir=None, fresh=fresh)
@@ -192,14 +205,14 @@ def _study(
     model: ResNet, probes: list[tuple[Tensor, Tensor]], training: list[tuple[Tensor, Tensor]], depth: int, *, lr: float
 ) -> dict[str, Any]:
     """Measure on every probe batch, train on ``training``, measure again on the probe batches."""
-    init = [_gradients(model, *probe) for probe in probes]
+    init = [gradient_norms(model, *probe) for probe in probes]
     losses = _train(model, training, lr=lr)
-    trained = [_gradients(model, *probe) for probe in probes] if training else None
+    trained = [gradient_norms(model, *probe) for probe in probes] if training else None
     return {
         "depth": depth,
         "residual": bool(model.config["residual"]),
         "blocks": [name for name, _ in residual_blocks(model)],
-        "layers": [name for name, _ in _weighted_layers(model)],
+        "layers": [name for name, _ in weighted_layers(model)],
         "init": init[0],
         "trained": trained[0] if trained else None,
         "init_probes": _headline(init),
@@ -216,93 +229,6 @@ def _headline(measured: list[dict[str, Any]]) -> dict[str, list[float]]:
         "growth": [_growth(m) for m in measured],
         "skip_share": [_median_skip_share(m) for m in measured],
         "split_error": [m["split_error"] for m in measured],
-    }
-
-
-def _weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every conv and fc, in the order they are registered (the forward order in these nets)."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-
-
-@contextmanager
-def _recording_paths(model: ResNet) -> Iterator[list[tuple[Tensor, Tensor, Tensor | None]]]:
-    """While open, each block's forward records ``(x, F(x), shortcut(x))`` with their gradients retained.
-
-    The real ``block.paths`` runs; ``merge`` gets a copy of ``F(x)`` so that the plain block's in-place ReLU
-    leaves the recorded ``F(x)`` (and its ``.grad``, the gradient at the sum) as it was before the merge.
-    """
-    record: list[tuple[Tensor, Tensor, Tensor | None]] = []
-    blocks = [block for _, block in residual_blocks(model)]
-
-    def recorder(paths):
-        def recording(x: Tensor) -> tuple[Tensor, Tensor | None]:
-            branch, identity = paths(x)
-            x.retain_grad()
-            branch.retain_grad()
-            record.append((x, branch, identity))
-            return branch.clone(), identity
-
-        return recording
-
-    for block in blocks:
-        block.paths = recorder(block.paths)  # an instance attribute shadows the method until deleted
-    try:
-        yield record
-    finally:
-        for block in blocks:
-            del block.paths
-
-
-def _split(x: Tensor, branch: Tensor, identity: Tensor | None, at_sum: Tensor) -> tuple[Tensor, Tensor]:
-    """Eq. 5 of He et al. 2016, one block: the gradient reaching ``x`` through the shortcut and through ``F``.
-
-    Both paths receive ``at_sum``, the gradient at their sum (before the ReLU in v1); each path's
-    vector-Jacobian product carries it back to ``x``. (B, C, H, W) each; the shortcut's is zero in a plain block.
-    """
-    (through_branch,) = torch.autograd.grad(branch, x, at_sum, retain_graph=True)
-    if identity is None:
-        return torch.zeros_like(x), through_branch
-    if identity is x:  # the identity shortcut: the "1" of eq. 5
-        return at_sum, through_branch
-    (through_skip,) = torch.autograd.grad(identity, x, at_sum, retain_graph=True)
-    return through_skip, through_branch
-
-
-def _gradients(model: ResNet, x: Tensor, y: Tensor) -> dict[str, Any]:
-    """One forward and backward in train mode on (B, C, H, W) images ``x`` and (B,) labels ``y``.
-
-    Returns the loss and L2 norms: ``stem_weight_grad`` (conv1), ``block_input_grad`` (one per block, the
-    first is the stem's output), ``skip_grad`` / ``branch_grad`` (each block's split), ``weight_grad`` and
-    ``weight_norm`` (every conv and fc) and ``split_error``, the largest ``|skip + branch - dL/dx| / |dL/dx|``
-    over the blocks.
-    """
-    model.train()  # BatchNorm with batch statistics, as in training
-    model.zero_grad(set_to_none=True)
-    with _recording_paths(model) as record:
-        loss = F.cross_entropy(model(x), y)
-        loss.backward(retain_graph=True)  # kept for the per-block vector-Jacobian products below
-    # Copied now: autograd.grad below also feeds the retained .grad of the tensors it passes through.
-    totals = [block_input.grad.clone() for block_input, _, _ in record]
-    at_sums = [branch.grad.clone() for _, branch, _ in record]
-    inputs, skips, branches, errors = [], [], [], []
-    for (block_input, branch, identity), total, at_sum in zip(record, totals, at_sums, strict=True):
-        through_skip, through_branch = _split(block_input, branch, identity, at_sum)
-        inputs.append(total.norm().item())
-        skips.append(through_skip.norm().item())
-        branches.append(through_branch.norm().item())
-        errors.append(((through_skip + through_branch - total).norm() / total.norm()).item())
-    loss_value = loss.item()
-    del record, loss  # frees the retained graph
-    return {
-        "loss": loss_value,
-        "stem_weight_grad": model.conv1.weight.grad.norm().item(),
-        "stem_output_grad": inputs[0],
-        "block_input_grad": inputs,
-        "skip_grad": skips,
-        "branch_grad": branches,
-        "split_error": max(errors),
-        "weight_grad": [m.weight.grad.norm().item() for _, m in _weighted_layers(model)],
-        "weight_norm": [m.weight.norm().item() for _, m in _weighted_layers(model)],
     }
 
 

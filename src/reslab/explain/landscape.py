@@ -29,6 +29,23 @@ from torch import Tensor, nn
 
 from reslab.errors import ReslabError
 from reslab.explain.common import Subject, channels_last, load_subjects, mean_se, nets_studied, real_images
+from reslab.explain.options import declare
+
+# `reslab explain landscape`: what it shows and the options it takes (each fills the keyword of ``measure``).
+ABOUT = "the loss around the trained weights on filter-normalized directions (Li et al. 2018)"
+OPTIONS = declare(
+    "--models",
+    "--checkpoints",
+    "--runs-dir",
+    "--fresh",
+    "--images",
+    "--dataset",
+    "--data-dir",
+    grid_images=dict(type=int, default=None, help="of those images, how many each 2-D grid point uses"),
+    points=dict(type=int, default=None, help="points along the 1-D line (default 41)"),
+    grid=dict(type=int, default=None, help="points per side of the 2-D grid (default 21)"),
+    span=dict(type=float, default=None, help="the plot covers -span..span times the direction"),
+)
 
 Directions = dict[str, Tensor]  # parameter name -> a direction of its shape
 # Defaults, for both nets within 2 minutes on a 2-core CPU: 21 x 256 + 17 x 17 x 32 image passes per net (69 s
