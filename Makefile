@@ -1,4 +1,4 @@
-# Two commands set up everything on a fresh machine: `make demo` and `make test`.
+# Two commands set up everything on a fresh machine: `make demo` and `make test`; `make docs` builds the site.
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
 PYTHON ?= python3
@@ -6,13 +6,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.reslab-installed
 
-.PHONY: demo test lint readme-table fashion-mnist chromium
+.PHONY: demo test lint docs docs-pages fashion-mnist chromium
 
-# Create the venv and install the project (editable, with test tools and the ONNX extra) when missing or when
-# pyproject changes.
+# Create the venv and install the project (editable, with test tools, the ONNX extra and the docs tools) when
+# missing or when pyproject changes.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[dev,deploy]' 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+	$(BIN)/python -m pip install -q -e '.[dev,deploy,docs]' 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 	touch $@
 
 # The main job: train the demo recipe on Fashion-MNIST, evaluate it on the test set, predict a few test images.
@@ -50,6 +50,13 @@ test: $(STAMP) chromium fashion-mnist
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
-# README's model table is this command's output (tests/test_cli.py checks they agree).
-readme-table: $(STAMP)
-	$(BIN)/reslab models --format markdown
+# The documentation site (mkdocs.yml, docs/) built into site/; a broken link or anchor fails the build, and so
+# does a generated block that no longer says what its JSON file says.
+docs: $(STAMP)
+	$(BIN)/python benchmarks/docs_pages.py --check
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+# Rewrite the generated blocks of README.md and docs/ (model table, explain summaries, result tables) from
+# benchmarks/results/*.json and `reslab models` (tests/docs/test_pages.py checks they agree).
+docs-pages: $(STAMP)
+	$(BIN)/python benchmarks/docs_pages.py

@@ -17,14 +17,13 @@ The protocol (no internet here, so no ImageNet weights; the same question at a s
      decay 0.5: layer3 at 0.05 .. the stem at 0.00625).
    No validation split (the labels are few): the last weights are tested.
 Writes benchmarks/results/transfer_fashion_mnist_cpu.json (every run's test accuracy, mean and spread over
-seeds, the commands, the machine) and prints the README table.
+seeds, the commands, the machine) and prints the table; `make docs-pages` then writes it into docs/training.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import time
 from pathlib import Path
@@ -144,26 +143,7 @@ def main() -> None:
     out = Path("benchmarks/results/transfer_fashion_mnist_cpu.json")
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(markdown(record))
-    write_readme(record)
-    print(f"wrote {out} and README.md's table")
-
-
-def write_readme(record: dict, readme: Path = Path("README.md")) -> None:
-    """README's table between ``<!-- transfer:start -->`` and ``<!-- transfer:end -->``, from ``record``."""
-    m = record["provenance"]["machine"]
-    seconds = record["pretrain"]["seconds"] + sum(r["seconds"] for row in record["rows"].values() for r in row["runs"])
-    body = (
-        f"{markdown(record)}\n\nPretrained on the five clothes classes: {record['pretrain']['test_acc']:.2%} test "
-        f"accuracy "
-        f"({record['pretrain']['steps']} steps of 128). `{record['provenance']['command']}` on {m['cores']} cores "
-        f"of an "
-        f"{m['cpu']} ({', '.join(m['cpu_flags'])}; {m['fp32_matmul_gflops']} GFLOP/s fp32 matrix product), torch "
-        f"{m['torch']}, {seconds / 60:.0f} min in all; every run in "
-        "`benchmarks/results/transfer_fashion_mnist_cpu.json`."
-    )
-    pattern = re.compile(r"(<!-- transfer:start -->\n).*?(<!-- transfer:end -->)", re.S)
-    text = readme.read_text()
-    readme.write_text(pattern.sub(lambda found: found.group(1) + body + "\n" + found.group(2), text))
+    print(f"wrote {out}; `make docs-pages` puts its table into docs/training.md")
 
 
 def _head_epochs(shots: int) -> int:
@@ -174,19 +154,10 @@ def _head_epochs(shots: int) -> int:
 
 
 def markdown(record: dict) -> str:
-    """README's table: test accuracy on the other five classes, mean +- spread over seeds."""
-    shots = sorted({row["shots"] for row in record["rows"].values()})
-    lines = [
-        "| method | " + " | ".join(f"{s} images per class" for s in shots) + " |",
-        "| --- | " + " | ".join("---" for _ in shots) + " |",
-    ]
-    for method, (what, _) in METHODS.items():
-        cells = []
-        for s in shots:
-            row = record["rows"].get(f"{method}/{s}")
-            cells.append(f"{row['mean']:.1%} ± {row['stdev']:.1%}" if row else "")
-        lines.append(f"| {method.replace('_', ' ')} ({what}) | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """The docs' table: test accuracy on the other five classes, mean +- spread over seeds."""
+    from docs_tables import transfer_table
+
+    return transfer_table(record)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,10 @@
 """The CLI prints the tables users ask for, and a user's mistake is one line and exit status 2."""
 
 import re
-from pathlib import Path
 
 import pytest
 
-from reslab.cli import main, models_markdown
+from reslab.cli import main
 
 
 def test_summary_prints_the_stage_table(capsys):
@@ -36,13 +35,6 @@ def test_models_table_lists_every_model(capsys):
     out = capsys.readouterr().out
     names = re.findall(r"^\| (\S+) \|", out, flags=re.M)[1:]
     assert names == list_models()
-
-
-def test_readme_model_table_is_generated():
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    block = re.search(r"<!-- models:start -->\n(.*?)\n<!-- models:end -->", readme, flags=re.S)
-    assert block, "README.md has no generated model table"
-    assert block.group(1).strip() == models_markdown(), "regenerate it: reslab models --format markdown"
 
 
 def test_train_help_documents_every_option(capsys):
