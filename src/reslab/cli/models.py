@@ -49,7 +49,7 @@ def _model_rows(pattern: str | None) -> tuple[dict[str, str], ...]:
 
 
 def models_markdown(pattern: str | None = None) -> str:
-    """The model table as Markdown, exactly as README.md shows it (a test keeps the two equal)."""
+    """The model table as Markdown, exactly as docs/models.md shows it (tests/docs/test_pages.py keeps them equal)."""
     cols = ["name", "family", "depth", "block", "version", "shortcut", "params"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(r[c] for c in cols) + " |" for r in model_rows(pattern)]

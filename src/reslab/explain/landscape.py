@@ -241,7 +241,7 @@ def measure(
         seed: chooses the images and the directions (the same directions for nets of the same shapes).
 
     Returns ``{"models": [...], "comparisons": [...]}``, per net: ``origin`` (loss, loss_se, accuracy),
-    ``line`` (alpha, loss, loss_se, accuracy) and ``surface`` (alpha, beta, loss[j][i] at alpha[i], beta[j]);
+    ``line`` (alpha, loss, loss_se, accuracy) and ``surface`` (alpha, beta, ``loss[j][i]`` at ``(alpha[i], beta[j])``);
     ``comparisons``: plain minus residual loss at ``COMPARED_AT`` times ``span``, with its standard error.
     """
     _check(images, grid_images, points, grid, span)
