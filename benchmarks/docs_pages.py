@@ -100,8 +100,22 @@ def readme_result(root: Path) -> str:
     )
 
 
+def demo(root: Path) -> str:
+    """What `make demo` took and reached, from benchmarks/demo.py's record of it."""
+    record = tables.load(root, "demo_cpu.json")
+    run, prov = record["run"], record["provenance"]
+    return (
+        f"`make demo` took **{record['demo_seconds']} s** after set-up on {tables.machine_text(prov)} "
+        f"({prov.get('date') or 'date not recorded'}): {run['steps']:,} steps of the {run['budget']} training budget "
+        f"({run['train_images']:,} training images, {run['amp']}), and its best model scored "
+        f"**{tables.pct(record['eval_test_accuracy'])}** on the 10,000 test images in `reslab eval`. Recorded by "
+        f"`python benchmarks/demo.py`; `{tables.RESULTS}/demo_cpu.json`."
+    )
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "models": models_table,
+    "demo": demo,
     "readme:result": readme_result,
     "explain:times": explain_times,
     **{f"explain:{name}": (lambda root, name=name: explain_block(root, name)) for name in EXPLAIN},

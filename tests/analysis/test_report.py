@@ -156,7 +156,8 @@ def test_every_image_of_an_explain_page_loads_in_chromium(tmp_path):
     from reslab.explain.common import save
 
     figures = [_small_png(tmp_path / "one.png"), _small_png(tmp_path / "two.png")]
-    written = save("demo", {"ratio": 0.5}, figures, ["a ratio of 0.5"], tmp_path / "explain")
+    provenance = {"command": "reslab explain demo", "commit": None, "date": None, "machine": None}
+    written = save("demo", {"ratio": 0.5}, figures, ["a ratio of 0.5"], tmp_path / "explain", provenance=provenance)
     assert images_in_chromium(written["html"], tmp_path) == (2, 2)
     assert json.loads(written["json"].read_text())["ratio"] == 0.5
 

@@ -44,8 +44,11 @@ def test_the_check_catches_a_number_edited_by_hand(tmp_path):
     shutil.copytree(ROOT / "docs", tmp_path / "docs")
     shutil.copy(ROOT / "README.md", tmp_path / "README.md")
     shutil.copytree(ROOT / "benchmarks/results", tmp_path / "benchmarks/results")
-    shutil.copytree(ROOT / "src/reslab/explain/reference_nets", tmp_path / "src/reslab/explain/reference_nets",
-                    ignore=shutil.ignore_patterns("*.safetensors"))
+    shutil.copytree(
+        ROOT / "src/reslab/explain/reference_nets",
+        tmp_path / "src/reslab/explain/reference_nets",
+        ignore=shutil.ignore_patterns("*.safetensors"),
+    )
     page = tmp_path / "docs/results.md"
     text = page.read_text()
     assert "| 1,328.5 |" in text  # the default path's images/s in the throughput table

@@ -80,11 +80,21 @@ def browse(site: Path, tmp_path: Path) -> tuple[str, list[dict]]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _quiet_handler(str(site)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-             f"--user-data-dir={tmp_path / 'chromium-profile'}"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ]
     try:
-        result = subprocess.run([CHROMIUM, *flags, "--virtual-time-budget=60000", "--dump-dom", f"{base}/{PROBE}"],
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [CHROMIUM, *flags, "--virtual-time-budget=60000", "--dump-dom", f"{base}/{PROBE}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
         server.shutdown()
         server.server_close()
@@ -125,9 +135,22 @@ def site(tmp_path_factory) -> Path:
     pytest.importorskip("mkdocs", reason="mkdocs is not installed (`pip install -e '.[docs]'`, as make does)")
     out = tmp_path_factory.mktemp("site") / "site"
     build = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(ROOT / "mkdocs.yml"),
-         "--site-dir", str(out)],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"}, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "--config-file",
+            str(ROOT / "mkdocs.yml"),
+            "--site-dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+        timeout=300,
     )
     assert build.returncode == 0, f"mkdocs build --strict failed:\n{build.stderr[-4000:]}"
     return out

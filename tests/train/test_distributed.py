@@ -161,7 +161,7 @@ def test_cli_prints_on_rank0_alone(monkeypatch, capsys):
         raise ReslabError("a file only this rank reads is missing")
 
     monkeypatch.setattr(runtime, "_joined_group", True)  # as after runtime.setup under torchrun
-    monkeypatch.setattr(cli, "cmd_models", own_error)
+    monkeypatch.setattr(cli.models, "cmd_models", own_error)
     assert cli.main(["models"]) == 2
     assert capsys.readouterr().err == "reslab: error: rank 1: a file only this rank reads is missing\n"
 

@@ -5,6 +5,7 @@ from torch import nn
 
 from reslab.checkpoint import load_checkpoint
 from reslab.train import fit
+from reslab.train import state as state_module
 from reslab.train import trainer as trainer_module
 from reslab.train.ema import ModelEma
 
@@ -63,7 +64,7 @@ def test_the_average_replaces_the_weights_where_it_validates_better(tiny_config,
         return result
 
     monkeypatch.setattr(trainer_module, "evaluate", average_wins)
-    monkeypatch.setattr(trainer_module, "ModelEma", _MarkedEma)
+    monkeypatch.setattr(state_module, "ModelEma", _MarkedEma)
     cfg = tiny_config(epochs=2, ema_decay=0.9)
     results = fit(cfg)
     assert results["best_weights"] == "ema"

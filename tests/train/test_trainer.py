@@ -9,7 +9,7 @@ import torch
 
 from reslab import ReslabError
 from reslab.checkpoint import load_checkpoint
-from reslab.train import fit
+from reslab.train import budget, fit, guard, parts
 from reslab.train import trainer as trainer_module
 from reslab.train.signals import TrainingStopped
 
@@ -126,7 +126,7 @@ def test_early_stopping_restores_the_best_model(tiny_config, monkeypatch):
         return result
 
     validation = {}
-    real_loaders = trainer_module.build_loaders
+    real_loaders = parts.build_loaders
 
     def capture(*args):
         train, val, test = real_loaders(*args)
@@ -134,7 +134,7 @@ def test_early_stopping_restores_the_best_model(tiny_config, monkeypatch):
         return train, val, test
 
     monkeypatch.setattr(trainer_module, "evaluate", scripted_eval)
-    monkeypatch.setattr(trainer_module, "build_loaders", capture)
+    monkeypatch.setattr(parts, "build_loaders", capture)
     cfg = tiny_config(epochs=6, patience=2)
     results = fit(cfg)
     assert results["stopped_early"] and results["epochs_run"] == 4 and results["best_epoch"] == 2
@@ -169,7 +169,7 @@ def test_a_diverging_step_is_caught_where_it_happens_and_named(tiny_config):
 def test_a_bad_step_and_those_queued_after_it_never_reach_the_weights(tiny_config, monkeypatch):
     """The host looks only every 10 steps: the fused optimizer must skip the bad first step and the 9 run after
     it by itself, so the weights the host finds are still the initial ones."""
-    step, diagnose, seen = trainer_module.Trainer._step, trainer_module.diagnose, {}
+    step, diagnose, seen = trainer_module.Trainer._step, guard.diagnose, {}
 
     def counted_step(self, x, y):
         assert not self.host_checked  # the sync-free path, not the host looking at each step
@@ -183,7 +183,7 @@ def test_a_bad_step_and_those_queued_after_it_never_reach_the_weights(tiny_confi
         return diagnose(model, *args, **kwargs)
 
     monkeypatch.setattr(trainer_module.Trainer, "_step", counted_step)
-    monkeypatch.setattr(trainer_module, "diagnose", capture)
+    monkeypatch.setattr(guard, "diagnose", capture)
     with pytest.raises(ReslabError, match="at step 1 of epoch 1"):
         fit(tiny_config(epochs=1, max_loss=0.5, sync_every_steps=10))
     assert seen["steps"] == 10
@@ -242,7 +242,7 @@ def test_augmentation_only_on_training_split(tiny_config):
 
     cfg = tiny_config()
     bundle = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=False)
-    train, val, test = trainer_module.build_loaders(bundle, cfg, runtime.setup("cpu", "off", False))
+    train, val, test = parts.build_loaders(bundle, cfg, runtime.setup("cpu", "off", False))
     assert train.train and train.augment.crop_padding == 2
     assert not val.train and not test.train  # evaluation loaders never augment (tests/data/test_augment.py)
 
@@ -397,12 +397,13 @@ def test_the_auto_checkpoint_interval_leaves_out_the_first_steps(tiny_config, mo
             time.sleep(1.0)
         step(self, x, y)
 
-    def decide(self):
-        decided.append((self._steps_run, self._seconds_run))
-        return 1000
+    def decide(self, rt):
+        decided.append((self.steps_run, self.seconds_run))
+        self.every_steps = 1000
+        return 1000, 1.0
 
     monkeypatch.setattr(trainer_module.Trainer, "_step", slow_first_step)
-    monkeypatch.setattr(trainer_module.Trainer, "_decide_save_interval", decide)
+    monkeypatch.setattr(budget.SaveInterval, "decide", decide)
     fit(tiny_config(epochs=1, sync_every_steps=2, save_every_steps=0))
     (steps, seconds), *_ = decided
     assert steps == 6 and seconds < 1.0  # steps 3 to 8; the first window (steps 1 and 2) and its sleep left out

@@ -98,7 +98,7 @@ def _given_options(args: argparse.Namespace) -> dict:
 
 
 def _train_config(args: argparse.Namespace):
-    """The run's config and the checkpoint it resumes (None for a new run).
+    """The run's config and the checkpoint it resumes, read once (a ``ResumePoint``; None for a new run).
 
     ``--resume PATH`` continues that checkpoint's own config (flags may change how it runs). ``--resume auto``
     looks in the run folder (``--out-dir``, or the recipe's) for its newest good checkpoint: found, it continues
@@ -106,7 +106,7 @@ def _train_config(args: argparse.Namespace):
     needs no edit.
     """
     from reslab.checkpoint import resolve_resume
-    from reslab.train import TrainConfig, from_dict, load_recipe
+    from reslab.train import ResumePoint, TrainConfig, from_dict, load_recipe
 
     given = _given_options(args)
     recipe_cfg = from_dict(load_recipe(args.recipe) if args.recipe else {}, source=str(args.recipe or "defaults"))
@@ -123,10 +123,11 @@ def _train_config(args: argparse.Namespace):
     if os.environ.get("RANK", "0") == "0":
         for message in messages:
             print(message)
+    resume = ResumePoint(path, ckpt) if ckpt is not None else None  # read once: fit reads it no more
     if args.resume == "auto" and (ckpt is None or args.recipe):
-        return cfg, path
+        return cfg, resume
     given.setdefault("out_dir", str(run_dir))  # the folder resumed from, wherever it moved
-    return from_dict(given, TrainConfig(**ckpt["config"]), source="command line"), path
+    return from_dict(given, TrainConfig(**ckpt["config"]), source="command line"), resume
 
 
 def cmd_train(args: argparse.Namespace) -> None:

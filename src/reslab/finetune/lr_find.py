@@ -77,19 +77,17 @@ def lr_find(
 
 def _sweep(cfg: TrainConfig, rt, start: float, end: float, steps: int) -> tuple[list[float], list[float]]:
     """Losses of ``steps`` training steps at learning rates growing from ``start`` to ``end``."""
-    from reslab.train.trainer import Trainer
+    from reslab.train.parts import prepare, resolved_config
 
-    trainer = Trainer.__new__(Trainer)  # the run's own parts, built as a run builds them, and nothing saved
-    trainer._begin(dataclasses.replace(cfg, budget="", steps=0), rt)
-    trainer._load()
-    model, optimizer = trainer._new_model()
-    trainer._prepare_loop(optimizer)
+    # The run's own parts, built as a run builds them, and nothing saved
+    parts = prepare(resolved_config(dataclasses.replace(cfg, budget="", steps=0), rt), rt)
+    model, optimizer = parts.model, parts.optimizer
     if cfg.finetune:  # the first phase's freezing: what the head-only epochs train
         from reslab.train import finetuning
 
         model.freeze(finetuning.frozen_in_epoch(cfg, model, 0))
     ratios = [group["lr"] / cfg.lr for group in optimizer.param_groups]  # per-part lrs keep their ratios
-    batches = itertools.chain.from_iterable(_epochs(trainer.train_loader))
+    batches = itertools.chain.from_iterable(_epochs(parts.loaders[0]))
     lrs, losses = [], []
     best = math.inf
     for i, (x, y) in zip(range(steps), batches, strict=False):
@@ -97,7 +95,7 @@ def _sweep(cfg: TrainConfig, rt, start: float, end: float, steps: int) -> tuple[
         for group, ratio in zip(optimizer.param_groups, ratios, strict=True):
             group["lr"] = lr * ratio
         loss, _ = forward_backward(
-            model, x, y, trainer.loss_fn, optimizer, device=rt.device, amp_dtype=rt.amp_dtype, scaler=None
+            model, x, y, parts.loss_fn, optimizer, device=rt.device, amp_dtype=rt.amp_dtype, scaler=None
         )
         optimizer.step()
         lrs.append(lr)

@@ -25,6 +25,11 @@ import torch
 from torch import nn
 
 from reslab.errors import ReslabError
+from reslab.train.guard import StepWindow
+from reslab.train.optim import build_optimizer
+from reslab.train.parts import RunParts, data_sizes, wrap
+from reslab.train.runtime import all_reduce_sum, shared_errors
+from reslab.train.state import TrainState
 
 # h, then m, then s, each at most once: "90s", "4m", "1.5h", "1h30m", "2m30s", or plain seconds ("90").
 _DURATION = re.compile(r"(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?(?:(?P<s>\d+(?:\.\d+)?)s?)?")
@@ -34,6 +39,44 @@ SAFETY = 0.95  # the step count is fitted to 95% of the budget: a shared CPU's s
 # step 15% shorter than the run then took, and a 20-minute experiment ran 19% over its budget.
 PROBE_SECONDS = (1.5, 10.0)
 AUTO_SAVE_SECONDS = 60.0  # save_every_steps=0: the trainer checkpoints about this often, so a kill loses at most this
+
+
+class SaveInterval:
+    """How often a run checkpoints inside an epoch: ``save_every_steps``, or with 0 the steps in about
+    ``AUTO_SAVE_SECONDS`` of this process's own training, decided once 5 steps are timed.
+
+    The steps of the first look are left out: they hold one-off costs (torch.compile's compilation, allocator
+    and kernel warm-up) that would make a run checkpoint every few steps.
+    """
+
+    def __init__(self, every_steps: int) -> None:
+        self.every_steps = every_steps  # 0: not decided yet
+        self.steps_run, self.seconds_run, self.warm = 0, 0.0, False
+
+    def due(self, step: int) -> bool:
+        """Whether a checkpoint is written after ``step`` steps of the epoch."""
+        return bool(self.every_steps) and step % self.every_steps == 0
+
+    def count(self, steps: int, seconds: float) -> None:
+        """The host looked at ``steps`` more steps, which took ``seconds``."""
+        if self.warm:
+            self.steps_run += steps
+            self.seconds_run += seconds
+        self.warm = True
+
+    def ready(self) -> bool:
+        """Whether an interval is to be decided now (``decide``)."""
+        return not self.every_steps and self.steps_run >= 5
+
+    def decide(self, rt) -> tuple[int, float]:
+        """The interval in steps, the same on every rank (saving gathers every rank's random states), and the
+        seconds a step took here."""
+        seconds_per_step = self.seconds_run / self.steps_run
+        steps = max(1, round(AUTO_SAVE_SECONDS / max(seconds_per_step, 1e-6)))
+        if rt.distributed:
+            steps = int(all_reduce_sum(torch.tensor(float(steps), device=rt.device)) / rt.world_size)
+        self.every_steps = max(steps, 1)
+        return self.every_steps, seconds_per_step
 
 
 def parse_budget(text: str | float | int) -> float:
@@ -193,11 +236,11 @@ def probe(
     budget: str | None = None,
 ) -> RunCosts:
     """The ``RunCosts`` of training ``model`` (``num_classes`` outputs) with ``cfg`` on ``loaders`` (train, val,
-    test; val and test may be None) in runtime ``rt``. ``make_step(copy)`` is the trainer's own step on a copy of
-    the model (with its own optimizer, schedule and checks); ``eval_images``: (validation, test) images of the
-    whole split (under DDP each rank evaluates its share, and the time per image is per image of the split);
-    ``budget``: the budget planned from these costs (``cfg.budget`` when None), which sets how long steps are
-    timed (``probe_seconds``)."""
+    test; val and test may be None) in runtime ``rt``; under DDP the ranks' mean. ``make_step(copy)`` is the
+    trainer's own step on a copy of the model (with its own optimizer, schedule and checks); ``eval_images``:
+    (validation, test) images of the whole split (under DDP each rank evaluates its share, and the time per image
+    is per image of the split); ``budget``: the budget planned from these costs (``cfg.budget`` when None), which
+    sets how long steps are timed (``probe_seconds``)."""
     from reslab.train.engine import evaluate
 
     train, val, test = loaders
@@ -231,7 +274,52 @@ def probe(
     # Each epoch: validation, last.pt (weights and optimizer state) and best.pt (weights), and the logs.
     epoch_seconds = val_seconds + 1.5 * save_seconds + time_epoch_logs(model, cfg.hist_every)
     final_seconds = per_image(test, tta=True) * eval_images[1] + save_seconds
-    return RunCosts(step_seconds, epoch_seconds, final_seconds, save_seconds, save_every_steps=cfg.save_every_steps)
+    costs = RunCosts(step_seconds, epoch_seconds, final_seconds, save_seconds, save_every_steps=cfg.save_every_steps)
+    if rt.distributed:  # every rank must take the same count: plan with the mean of their measurements
+        mean = all_reduce_sum(torch.tensor(list(vars(costs).values()), device=rt.device)) / rt.world_size
+        costs = RunCosts(*mean.tolist()[:-1], save_every_steps=cfg.save_every_steps)
+    return costs
+
+
+def probe_run(parts: RunParts, rt, run_step: Callable[..., object], *, budget: str | None = None) -> RunCosts:
+    """``probe`` of a run of ``parts``, timing ``run_step(x, y, state=, model=, window=)`` (the run's own step) on a
+    copy of the model with an optimizer, schedule, meters and divergence window of its own, so the run's state
+    is not touched; ``budget`` as ``probe``'s."""
+    cfg, steps_per_epoch = parts.cfg, len(parts.loaders[0])
+
+    def make_step(copy: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], None]:
+        optimizer = build_optimizer(copy, cfg, rt.device, rt.world_size)
+        state = TrainState.new(cfg, rt, copy, optimizer, steps_per_epoch)
+        model, window = wrap(copy, cfg, rt), StepWindow(rt.device, parts.max_loss, distributed=rt.distributed)
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> None:
+            run_step(x, y, state=state, model=model, window=window)
+            state.step += 1
+
+        return step
+
+    sizes = data_sizes(parts.bundle)
+    return probe(
+        parts.model,
+        make_step,
+        parts.loaders,
+        cfg,
+        rt,
+        num_classes=parts.info.num_classes,
+        eval_images=(sizes["val"], sizes["test"]),
+        budget=budget,
+    )
+
+
+def plan_run(cfg, rt, costs: RunCosts, steps_per_epoch: int, *, started: float) -> tuple[int, str]:
+    """``plan`` for one run that began at ``started`` (a ``time.perf_counter()``): the step count that fits the rest
+    of ``cfg.budget``, and the line that says how it was chosen. Under DDP every rank plans from the ranks' mean
+    time spent, so every rank takes the same count; an error (a budget too small) is raised on every rank."""
+    spent = time.perf_counter() - started
+    if rt.distributed:
+        spent = float(all_reduce_sum(torch.tensor(spent, device=rt.device))) / rt.world_size
+    with shared_errors(rt):
+        return plan(cfg, spent, [costs], steps_per_epoch)
 
 
 def plan(cfg, spent: float, costs: list[RunCosts], steps_per_epoch: int, *, safety: float = SAFETY) -> tuple[int, str]:

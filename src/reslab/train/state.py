@@ -15,9 +15,12 @@ import torch
 from torch import nn
 
 from reslab.checkpoint import progress_of
+from reslab.train.config import TrainConfig
 from reslab.train.ema import ModelEma
 from reslab.train.engine import EpochMeter
 from reslab.train.logging import GradNormTracker
+from reslab.train.optim import build_scheduler
+from reslab.train.runtime import Runtime
 
 
 def _no_best() -> dict[str, Any]:
@@ -26,6 +29,9 @@ def _no_best() -> dict[str, Any]:
 
 @dataclass
 class TrainState:
+    """Everything a run needs to continue from any step; ``new`` makes a new run's, ``state_dict`` and
+    ``load_state_dict`` save and restore it."""
+
     model: nn.Module  # the raw model, not its DDP or compiled wrapper
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -40,6 +46,22 @@ class TrainState:
     history: list[dict] = field(default_factory=list)  # one record per finished epoch (metrics.jsonl)
     grad_norms: list[dict] = field(default_factory=list)  # per epoch: {"epoch": e, "norms": {param: mean norm}}
     stopped_early: bool = False
+
+    @classmethod
+    def new(
+        cls, cfg: TrainConfig, rt: Runtime, model: nn.Module, optimizer: torch.optim.Optimizer, steps_per_epoch: int
+    ) -> TrainState:
+        """A new run's state for ``model`` (the raw one) and its optimizer: the schedule over the run's steps, a
+        loss scaler for fp16, the epoch's meters, and the weight average when ``cfg.ema_decay`` asks for one."""
+        return cls(
+            model=model,
+            optimizer=optimizer,
+            scheduler=build_scheduler(optimizer, cfg, steps_per_epoch),
+            scaler=torch.amp.GradScaler(rt.device.type) if rt.amp_dtype == torch.float16 else None,
+            meter=EpochMeter(rt.device),
+            tracker=GradNormTracker(model),
+            ema=ModelEma(model, cfg.ema_decay) if cfg.ema_decay else None,
+        )
 
     def global_step(self, steps_per_epoch: int) -> int:
         return self.epoch * steps_per_epoch + self.step
