@@ -29,18 +29,12 @@ from torch import Tensor, nn
 
 from reslab.errors import ReslabError
 from reslab.explain.common import Subject, channels_last, load_subjects, mean_se, nets_studied, real_images
-from reslab.explain.options import declare
+from reslab.explain.options import NETS_AND_IMAGES, declare
 
 # `reslab explain landscape`: what it shows and the options it takes (each fills the keyword of ``measure``).
 ABOUT = "the loss around the trained weights on filter-normalized directions (Li et al. 2018)"
 OPTIONS = declare(
-    "--models",
-    "--checkpoints",
-    "--runs-dir",
-    "--fresh",
-    "--images",
-    "--dataset",
-    "--data-dir",
+    *NETS_AND_IMAGES,
     grid_images=dict(type=int, default=None, help="of those images, how many each 2-D grid point uses"),
     points=dict(type=int, default=None, help="points along the 1-D line (default 41)"),
     grid=dict(type=int, default=None, help="points per side of the 2-D grid (default 21)"),

@@ -45,18 +45,12 @@ from reslab.explain.common import (
     residual_blocks,
 )
 from reslab.explain.lesion_surgery import keeps_shape, predictions
-from reslab.explain.options import declare
+from reslab.explain.options import NETS_AND_IMAGES, declare
 
 # `reslab explain lesion`: what it shows and the options it takes (each fills the keyword of ``measure``).
 ABOUT = "delete and swap blocks at test time (Veit et al. 2016)"
 OPTIONS = declare(
-    "--models",
-    "--checkpoints",
-    "--runs-dir",
-    "--fresh",
-    "--images",
-    "--dataset",
-    "--data-dir",
+    *NETS_AND_IMAGES,
     draws=dict(type=int, default=None, help="random draws per number of deleted blocks"),
 )
 

@@ -30,6 +30,9 @@ SHARED: dict[str, dict[str, Any]] = {
     "--depths": dict(nargs="+", type=int, default=None, help="CIFAR depths 6n+2 to compare, e.g. 20 56 110"),
 }
 
+# The nets an experiment that compares trained nets studies, and the images it measures them on.
+NETS_AND_IMAGES = ("--models", "--checkpoints", "--runs-dir", "--fresh", "--images", "--dataset", "--data-dir")
+
 
 def declare(*shared: str, **own: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """An experiment's options: the ``shared`` flags named, then its ``own`` (keyword ``block_name`` declares

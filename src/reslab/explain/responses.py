@@ -31,11 +31,11 @@ from reslab.explain.common import (
     real_images,
     residual_blocks,
 )
-from reslab.explain.options import declare
+from reslab.explain.options import NETS_AND_IMAGES, declare
 
 # `reslab explain responses`: what it shows and the options it takes (each fills the keyword of ``measure``).
 ABOUT = "std of each 3x3 layer's response, plain vs residual (He et al. 2015, Fig. 7)"
-OPTIONS = declare("--models", "--checkpoints", "--runs-dir", "--fresh", "--images", "--dataset", "--data-dir")
+OPTIONS = declare(*NETS_AND_IMAGES)
 
 DEFAULT_MODELS = ("plain20", "plain56", "resnet20", "resnet56")  # Fig. 7 shows these (and ResNet-110)
 BATCH = 250  # images per forward pass; the statistics are exact whatever the batch (see _Moments)
