@@ -27,7 +27,7 @@ VIEWS = {"none": (False, 0), "flip": (True, 0), "flip+translate1": (True, 1), "f
 def gains(path: str) -> dict[str, float]:
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
-    info = DatasetInfo(**{**ckpt["dataset"], "image_size": tuple(ckpt["dataset"]["image_size"])})
+    info = DatasetInfo.from_dict(ckpt["dataset"])
     bundle = load_dataset(
         cfg["dataset"],
         data_dir=cfg.get("data_dir"),

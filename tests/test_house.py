@@ -1,6 +1,7 @@
 """The size limits of the house (issue 18): in src/, no file over 450 lines and no function over 80.
 
-A long function is a design waiting to be found (DEVELOPERS.md); these limits keep each module readable at once.
+A long function is a design waiting to be found; these limits keep each module readable at once
+(docs/contributing.md).
 """
 
 from __future__ import annotations

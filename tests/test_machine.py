@@ -1,5 +1,6 @@
-"""The one bf16 test (``reslab.machine.bf16_native``) on the CPU flags of three machines this project has run on,
-and what ``--amp auto`` picks from it in training, evaluation and deployment; and the record results carry."""
+"""The one bf16 test (``reslab.machine.bf16_native``) on the CPU flags of four machines (the three this project
+has run on, and an AVX-512 CPU without BF16), what ``--amp auto`` picks from it in training, evaluation and
+deployment, and the record that results carry."""
 
 from __future__ import annotations
 
@@ -53,12 +54,26 @@ def test_int8_native_needs_vnni_or_amx(cpu):
     assert machine.int8_native() is (cpu != "AVX2-only EPYC (Zen 3)")
 
 
-def test_without_cpu_flags_oneDNN_decides(monkeypatch):
-    """macOS and Windows have no /proc/cpuinfo: there oneDNN's answer is all there is."""
-    monkeypatch.setattr(machine, "_cpuinfo", dict)
+@pytest.mark.parametrize("cpuinfo", [{}, {"processor": "0", "Features": "fp asimd bf16 i8mm sve"}])
+def test_without_x86_flags_oneDNN_decides(monkeypatch, cpuinfo):
+    """macOS and Windows have no /proc/cpuinfo, ARM Linux lists "Features": there oneDNN's answer is all there is."""
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: cpuinfo)
     for answer in (True, False):
         monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda a=answer: a, raising=False)
         assert machine.bf16_native(torch.device("cpu")) is answer
+
+
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [
+        (["/x/.venv/bin/reslab", "explain", "lesion"], "reslab explain lesion"),
+        (["/x/src/reslab/__main__.py", "train", "--budget", "1m"], "reslab train --budget 1m"),  # python -m reslab
+        (["benchmarks/demo.py"], "python benchmarks/demo.py"),
+    ],
+)
+def test_the_recorded_command_is_what_a_user_types(monkeypatch, argv, command):
+    monkeypatch.setattr("sys.argv", argv)
+    assert machine.record("cpu", peak=False)["command"] == command
 
 
 def test_record_names_command_commit_date_and_machine(monkeypatch):

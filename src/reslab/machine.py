@@ -46,13 +46,13 @@ def bf16_native(device: torch.device) -> bool:
     The one bf16 test of reslab (``--amp auto`` and the deploy precisions ask it). On Linux it reads the CPU
     flags: oneDNN's own check (``torch.ops.mkldnn._is_mkldnn_bf16_supported``) also says yes on AVX-512
     without BF16, where bf16 is emulated and slower than float32. Where there are no flags to read (macOS,
-    Windows), oneDNN is asked.
+    Windows, ARM), oneDNN is asked.
     """
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type != "cpu":
         return False
-    if _cpuinfo():
+    if _cpuinfo().get("flags"):  # x86 Linux; ARM's cpuinfo lists "Features" instead
         return any(f in cpu_flags() for f in ("avx512_bf16", "amx_bf16"))
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -136,19 +136,24 @@ def record(device: torch.device | str = "cpu", *, command: str | None = None, pe
 def _command() -> str:
     """This process's command line as a user would type it: ``python benchmarks/x.py ...`` or ``reslab ...``."""
     first = sys.argv[0] if sys.argv and sys.argv[0] else "python"
-    if first.endswith(".py"):
+    if Path(first).name in ("reslab", "__main__.py"):  # the console script, or python -m reslab
+        head = ["reslab"]
+    elif first.endswith(".py"):
         path = Path(first)
         with contextlib.suppress(ValueError):  # a script outside the working folder keeps its absolute path
             path = path.resolve().relative_to(Path.cwd())
         head = ["python", str(path)]
     else:
-        head = ["reslab" if Path(first).name in ("reslab", "__main__.py", "-m") else Path(first).name]
+        head = [Path(first).name]
     return shlex.join(head + sys.argv[1:])
 
 
 def _commit() -> str | None:
-    """The repository's commit, with ``-dirty`` when files differ from it; None outside a git checkout."""
+    """The repository's commit, with ``-dirty`` when files differ from it; None where reslab is not run from its
+    own checkout (an installed copy inside some other repository would name that one's commit)."""
     here = Path(__file__).resolve().parent
+    if not (here.parents[1] / "pyproject.toml").is_file():  # src/reslab/machine.py -> the checkout's root
+        return None
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         if sha.returncode != 0:

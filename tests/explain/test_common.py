@@ -202,3 +202,17 @@ def test_the_package_ships_the_four_trained_twins():
     for subject in load_subjects(SHIPPED_TWINS):  # every file passes its SHA-256 check
         assert subject.kind == "shipped" and subject.model.depth == int(subject.label[-2:])
         assert subject.model.config["residual"] == subject.label.startswith("resnet")
+
+
+def test_the_overview_reads_an_all_json_from_before_provenance(tmp_path):
+    """An explain/ folder from an earlier version keeps working: its all.json had date and machine on top."""
+    from reslab.explain.common import write_overview
+
+    old = {
+        "date": "2026-12-01 10:00:00",
+        "machine": {"cpu": "AMD EPYC"},
+        "seconds": {"block": 5.0},
+        "total_seconds": 5.0,
+    }
+    (tmp_path / "all.json").write_text(json.dumps(old))
+    assert "2026-12-01 10:00:00, AMD EPYC" in write_overview(tmp_path).read_text()

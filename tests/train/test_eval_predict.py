@@ -161,6 +161,14 @@ def test_resume_from_the_command_line(trained, tiny_fashion, tmp_path, capsys):
     shutil.copytree(trained, copy)
     assert main(["train", "--resume", str(copy / "best.pt")]) == 2
     assert "holds a model, not a training state; resume from the run's last.pt" in capsys.readouterr().err
+    from reslab.checkpoint import load_checkpoint
+    from reslab.errors import ReslabError
+    from reslab.train import ResumePoint, TrainConfig, fit
+
+    cfg = TrainConfig(**{**load_checkpoint(copy / "last.pt")["config"], "out_dir": str(copy)})
+    best = ResumePoint(copy / "best.pt", load_checkpoint(copy / "best.pt"))  # read already, by a caller of fit
+    with pytest.raises(ReslabError, match=r"best\.pt holds a model, not a training state"):
+        fit(cfg, resume=best)
     assert main(["train", "--resume", str(copy / "last.pt"), "--lr", "0.5"]) == 2
     assert "cannot resume: the checkpoint has lr=0.05, this run 0.5" in capsys.readouterr().err
     # A finished run resumed with more patience: nothing left to train, and it writes to the copy, not the original.

@@ -374,7 +374,7 @@ def write_overview(root: Path) -> Path:
         run = json.loads(timings.read_text())
         load = run.get("load_average_at_start")
         busy = f", load average {load:.1f} at the start" if load is not None else ""
-        where = run["provenance"]
+        where = run.get("provenance", run)  # an all.json from before provenance has date and machine on top
         page.heading(f"Times of `reslab explain all` ({where['date']}, {where['machine']['cpu']}{busy})")
         rows = [(what, f"{seconds:.1f}") for what, seconds in run["seconds"].items()]
         page.table(["experiment", "seconds"], [*rows, ("all", f"{run['total_seconds']:.1f}")])

@@ -24,16 +24,17 @@ from reslab.train.config import TrainConfig, check_resumable
 from reslab.train.state import TrainState
 
 
-@dataclass(frozen=True)
+@dataclass
 class ResumePoint:
     """A training state to continue, read once: the file and what it holds (``resolve_resume``'s result).
 
     ``reslab train --resume`` reads the checkpoint to take its config; passing this to ``fit`` spares a
-    second read of the same file.
+    second read of the same file. The trainer empties ``checkpoint`` once restored from it, so that no caller
+    keeps a second copy of the weights and optimizer state alive for the whole run.
     """
 
     path: Path
-    checkpoint: dict[str, Any]
+    checkpoint: dict[str, Any] | None
 
 
 def open_run_folder(
@@ -71,8 +72,12 @@ def open_run_folder(
 
 
 def _read_resume(resume: str | Path | ResumePoint | None, run_dir: Path, rt: runtime.Runtime) -> ResumePoint | None:
-    if resume is None or isinstance(resume, ResumePoint):
+    if isinstance(resume, ResumePoint):
+        if resume.checkpoint is None or "optimizer" not in resume.checkpoint:  # as resolve_resume refuses best.pt
+            raise ReslabError(f"{resume.path} holds a model, not a training state; resume from the run's last.pt")
         return resume
+    if resume is None:
+        return None
     path, ckpt, messages = resolve_resume(str(resume), run_dir)
     if rt.is_main:
         for message in messages:

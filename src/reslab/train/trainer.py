@@ -119,6 +119,7 @@ class Trainer:
                 self.state.load_state_dict(point.checkpoint, rank=rt.rank)
                 self.state.stopped_early &= self.cfg.patience > 0  # early stopping ended it; without patience, go on
                 runtime.restore_rng_states(point.checkpoint["rng"], rt)
+                point.checkpoint = None  # restored: free it, whoever else holds the ResumePoint
         self.model = wrap(self.state.model, self.cfg, rt)  # DDP's constructor is a collective: outside the blocks
         sizes = data_sizes(self.bundle)
         self.checkpoints = CheckpointWriter(self.run_dir, rt, cfg=self.cfg, info=self.info, data_sizes=sizes)
