@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -28,16 +26,6 @@ from reslab import machine
 from reslab.checkpoint import load_checkpoint
 from reslab.explain import degradation
 from reslab.explain.reference import FOLDER, sha256, test_accuracy
-
-
-def commit() -> str:
-    """The checked-out commit, with "+changes" when the working tree differs from it; $RESLAB_COMMIT where the
-    tree is a copy without git (the GPU machine's)."""
-    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    if not head:
-        return os.environ.get("RESLAB_COMMIT", "unknown")
-    dirty = subprocess.run(["git", "status", "--porcelain", "src", "recipes"], capture_output=True, text=True).stdout
-    return head + ("+changes" if dirty.strip() else "")
 
 
 def package(result: dict, runs_dir: Path, provenance: dict) -> Path:
@@ -89,7 +77,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    provenance = {**machine.record(device), "commit": commit()}  # the commit before the weights are written into src/
+    provenance = machine.record(device)  # its commit is the one before the weights are written into src/
     start = time.perf_counter()
     result = degradation.measure(
         budget=args.budget,

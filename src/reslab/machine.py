@@ -149,15 +149,16 @@ def _command() -> str:
 
 
 def _commit() -> str | None:
-    """The repository's commit, with ``-dirty`` when files differ from it; None where reslab is not run from its
-    own checkout (an installed copy inside some other repository would name that one's commit)."""
+    """The repository's commit, with ``-dirty`` when files differ from it; ``$RESLAB_COMMIT`` where the checkout
+    is a copy without git (the lent GPU machine's); None where reslab is not run from its own checkout (an
+    installed copy inside some other repository would name that one's commit)."""
     here = Path(__file__).resolve().parent
     if not (here.parents[1] / "pyproject.toml").is_file():  # src/reslab/machine.py -> the checkout's root
         return None
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         if sha.returncode != 0:
-            return None
+            return os.environ.get("RESLAB_COMMIT")
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
             cwd=here,
@@ -166,5 +167,5 @@ def _commit() -> str | None:
             timeout=10,
         )
     except (OSError, subprocess.SubprocessError):
-        return None
+        return os.environ.get("RESLAB_COMMIT")
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
